@@ -1,0 +1,30 @@
+# `make demo` and `make test` set everything up themselves in .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint format clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/radgrounder demo --out demo_output
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check radgrounder tests benchmarks
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check radgrounder tests benchmarks
+	$(VENV)/bin/ruff format --check radgrounder tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format radgrounder tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache

@@ -1,0 +1,3 @@
+from radgrounder.cli import main
+
+main()

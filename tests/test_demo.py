@@ -1,0 +1,46 @@
+import json
+
+import numpy as np
+from PIL import Image
+
+from radgrounder.anatomy import load_schema
+from radgrounder.demo import ground_slice, run_demo
+from radgrounder.grounding import codec
+from radgrounder.imaging import read_label_map
+from tests.conftest import EXAMPLES
+
+
+def test_ground_slice_boxes_come_from_the_label_map():
+    gs = ground_slice(EXAMPLES / "example_ct_sm.nii.gz", EXAMPLES / "example_seg.nii.gz", 20)
+    labels = read_label_map(EXAMPLES / "example_seg.nii.gz").data[20]
+    caption = gs.captions["en"]
+    liver = next(s for s in caption.spans if s.class_name == "liver")
+    rows, cols = np.nonzero(labels == 5)
+    h, w = labels.shape
+    box = liver.boxes[0]
+    # exclusive max, truncated onto the 224 grid as the reference does
+    assert box.x1 == int(cols.min() * 224 / w) / 224
+    assert box.x2 == int((cols.max() + 1) * 224 / w) / 224
+    assert box.y1 == int(rows.min() * 224 / h) / 224
+    assert np.array_equal(liver.mask, labels == 5)
+    de = gs.captions["de"]
+    assert "Leber" in [s.label for s in de.spans]
+    assert [s.class_id for s in de.spans] == [s.class_id for s in caption.spans]
+
+
+def test_run_demo_writes_overlays_and_targets(tmp_path):
+    summary = run_demo(tmp_path)
+    written = json.loads((tmp_path / "demo.json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    assert [s["kind"] for s in written["scans"]] == ["nifti", "nifti", "dicom-series", "nifti"]
+    assert [s["modality"] for s in written["scans"]] == ["CT", "MR", "CT", None]
+    assert written["scans"][3]["extra"]["label_map"] is True
+    assert {g["language"] for g in written["grounded"]} == {"en", "de"}
+    names = load_schema().names_by_id()
+    for g in written["grounded"]:
+        png = Image.open(tmp_path / g["overlay"])
+        assert png.mode == "RGB" and png.width >= 300
+        decoded = codec("radgrounder-detect", class_names=names).decode(g["target_detect"])
+        assert decoded.text == g["text"] and decoded.problems == []
+        assert all(s.class_name and s.boxes for s in decoded.spans)
+        assert g["target_segment"].count("</seg>") == len(decoded.spans)
