@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 
 from radgrounder.anatomy import load_schema, totalseg_to_unified
 from radgrounder.errors import RadGrounderError
+from radgrounder.fileio import atomic_write_bytes
 from radgrounder.grounding import Box, GroundedText, boxes_from_label_slice, codec
 from radgrounder.imaging import display_image, inspect_scan, load_scan, read_label_map
 from radgrounder.prompts import build_prompt
@@ -33,18 +33,6 @@ def example_dir() -> Path:
         f"example data not found (looked in {', '.join(map(str, candidates))}); "
         f"set {EXAMPLE_DIR_ENV} to the folder with example_ct_sm.nii.gz"
     )
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass

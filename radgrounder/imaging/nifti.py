@@ -45,6 +45,20 @@ def sidecar_path(path: PathType) -> Path:
     return path.with_name(name + ".json")
 
 
+def sidecar_modality(path: PathType) -> tuple[str, Path] | None:
+    """The ``Modality`` of a BIDS-style JSON sidecar next to a NIfTI, with the sidecar's path."""
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        return None
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RadGrounderError(f"cannot read JSON sidecar: {reason(exc)}", path=sidecar) from exc
+    if isinstance(meta, dict) and "Modality" in meta:
+        return canonical_modality(meta["Modality"], sidecar, what="sidecar Modality"), sidecar
+    return None
+
+
 def _load(path: Path) -> nib.Nifti1Image:
     if not path.is_file():
         raise RadGrounderError("NIfTI file not found", path=path)
@@ -105,16 +119,9 @@ def _modality(path: Path, data: np.ndarray, argument: str | None) -> tuple[str, 
     """(modality, modality_source, sidecar path or None)."""
     if argument is not None:
         return canonical_modality(argument, path), "argument", None
-    sidecar = sidecar_path(path)
-    if sidecar.is_file():
-        try:
-            meta = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            msg = f"cannot read JSON sidecar: {reason(exc)}"
-            raise RadGrounderError(msg, path=sidecar) from exc
-        if isinstance(meta, dict) and "Modality" in meta:
-            mod = canonical_modality(meta["Modality"], sidecar, what="sidecar Modality")
-            return mod, "sidecar", str(sidecar)
+    from_sidecar = sidecar_modality(path)
+    if from_sidecar is not None:
+        return from_sidecar[0], "sidecar", str(from_sidecar[1])
     flat = data.ravel()
     # A strided sample keeps the percentile cheap on large volumes.
     if flat.size > 4_000_000:

@@ -1,0 +1,1 @@
+"""Grounded training data from scans, label maps and reports."""

@@ -1,0 +1,308 @@
+"""``radgrounder labels build``: scans + label maps + reports → a grounded dataset folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import radgrounder
+from radgrounder.errors import RadGrounderError
+from radgrounder.fileio import atomic_write_json, sha256_tree
+from radgrounder.imaging.nifti import is_nifti_path
+from radgrounder.labels.dataset import SPLITS
+from radgrounder.labels.keywords import extract_keywords, sentence_items
+from radgrounder.labels.regions import SLICE_AXES
+from radgrounder.labels.reports import Report, read_reports
+from radgrounder.labels.scanjob import ScanJob, ScanResult, build_scan
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass
+class BuildOptions:
+    modality: str | None = None
+    label_task: str | None = None
+    slice_axis: str = "axial"
+    splits: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    instances: bool = False
+    min_area: int = 0
+    text_mode: str = "reference"
+    vqa: bool = True
+    languages: tuple[str, ...] = ("en", "de")
+    keyword_backend: str = "lexicon"
+    llm: dict[str, Any] = field(default_factory=dict)
+    workers: int = 1
+    executor: str = "local"
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        """The options that change the output (not how it is computed)."""
+        return {
+            "modality": self.modality,
+            "label_task": self.label_task,
+            "slice_axis": self.slice_axis,
+            "splits": list(self.splits),
+            "seed": self.seed,
+            "instances": self.instances,
+            "min_area": self.min_area,
+            "text_mode": self.text_mode,
+            "vqa": self.vqa,
+            "languages": list(self.languages),
+            "keyword_backend": self.keyword_backend,
+            "llm_model": self.llm.get("model") if self.keyword_backend == "llm" else None,
+        }
+
+
+@dataclass
+class BuildReport:
+    out_dir: Path
+    done: list[str]
+    skipped: list[str]
+    failed: dict[str, str]
+    manifest: dict[str, Any]
+
+
+def _scan_id(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def discover_scans(scans_dir: Path) -> dict[str, Path]:
+    """``<scan_id>.nii[.gz]`` files and ``<scan_id>/`` DICOM folders directly in ``scans_dir``."""
+    if not scans_dir.is_dir():
+        raise RadGrounderError("scan folder not found", path=scans_dir)
+    found: dict[str, Path] = {}
+    for p in sorted(scans_dir.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir() or is_nifti_path(p):
+            sid = _scan_id(p)
+            if sid in found:
+                raise RadGrounderError(f"two scans share the id {sid!r}", path=p)
+            found[sid] = p
+    return found
+
+
+def assign_splits(scan_ids: Iterable[str], fractions: Sequence[float], seed: int) -> dict[str, str]:
+    """Whole scans to train/val/test, seeded: the same ids and seed give the same split."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1):
+        raise RadGrounderError(f"splits: need three fractions summing to 1, got {fractions}")
+    ids = sorted(scan_ids)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_train = round(fractions[0] * len(ids))
+    n_val = round(fractions[1] * len(ids))
+    if len(ids) >= 3 and n_train == len(ids) and fractions[1] + fractions[2] > 0:
+        n_train -= 1  # keep a held-out scan when there are enough scans
+    out = {}
+    for rank, i in enumerate(order):
+        out[ids[i]] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+    return out
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _run_jobs(
+    jobs: list[ScanJob], opts: BuildOptions, on_done: Callable[[ScanResult], None]
+) -> None:
+    if opts.executor == "ray":
+        try:
+            import ray  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise RadGrounderError(
+                "executor ray: Ray is not installed (pip install 'radgrounder[ray]')"
+            ) from exc
+        if not ray.is_initialized():
+            ray.init(ignore_reinit_error=True, log_to_driver=False)
+        remote = ray.remote(build_scan)
+        pending = [remote.remote(job) for job in jobs]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            on_done(ray.get(ready[0]))
+        return
+    if opts.workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            on_done(build_scan(job))
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn: forking a process that already holds threads (torch, BLAS) can deadlock.
+    with ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(build_scan, job) for job in jobs]
+        for fut in as_completed(futures):
+            on_done(fut.result())
+
+
+def build_dataset(
+    scans_dir: str | Path,
+    labels_dir: str | Path,
+    reports: str | Path | Sequence[Report],
+    out_dir: str | Path,
+    options: BuildOptions | None = None,
+    *,
+    progress: bool = True,
+) -> BuildReport:
+    """Build (or resume) a grounded dataset. Failures are collected, never fatal."""
+    from rich.progress import Progress
+
+    opts = options or BuildOptions()
+    if opts.slice_axis not in SLICE_AXES:
+        raise RadGrounderError(f"slice_axis: unknown value {opts.slice_axis!r}")
+    if opts.executor not in EXECUTORS:
+        raise RadGrounderError(f"executor: unknown value {opts.executor!r}")
+    if opts.workers < 1:
+        raise RadGrounderError(f"workers: must be >= 1, got {opts.workers}")
+    scans_dir, labels_dir, out = Path(scans_dir), Path(labels_dir), Path(out_dir)
+    if not labels_dir.is_dir():
+        raise RadGrounderError("label folder not found", path=labels_dir)
+    report_list = list(reports) if not isinstance(reports, str | Path) else read_reports(reports)
+    scans = discover_scans(scans_dir)
+    failed: dict[str, str] = {}
+    labels: dict[str, Path] = {}
+    for sid in scans:
+        cands = [labels_dir / f"{sid}.nii.gz", labels_dir / f"{sid}.nii"]
+        hit = next((c for c in cands if c.is_file()), None)
+        if hit is None:
+            failed[sid] = f"no label map {sid}.nii.gz in {labels_dir}"
+        else:
+            labels[sid] = hit
+    by_scan: dict[str, dict[str, Report]] = {}
+    for rep in report_list:
+        by_scan.setdefault(rep.scan_id, {})[rep.language] = rep
+    # Reports for scans outside this folder are normal when building a subset: noted only.
+    unmatched = sorted(sid for sid in by_scan if sid not in scans)
+
+    usable = [sid for sid in scans if sid in labels]
+    wanted = [r for r in report_list if r.scan_id in labels]
+    items = sentence_items(wanted, text_mode=opts.text_mode)
+    results = extract_keywords(
+        items,
+        backend=opts.keyword_backend,
+        checkpoint=out / "state" / "keywords_llm.jsonl" if opts.keyword_backend == "llm" else None,
+        progress=progress,
+        **opts.llm,
+    )
+    sentence_failures = {r.id: r.error for r in results if r.error}
+    per_report: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        sid, lang, _ = r.id.rsplit("/", 2)
+        per_report.setdefault((sid, lang), []).append({"text": r.text, "mentions": r.mentions})
+
+    splits = assign_splits(usable, opts.splits, opts.seed)
+    config = opts.fingerprint_config()
+    jobs = []
+    for sid in usable:
+        reps = {
+            lang: {
+                "clinical_info": rep.clinical_info,
+                "clinical_question": rep.clinical_question,
+                "sentences": per_report.get((sid, lang), []),
+            }
+            for lang, rep in by_scan.get(sid, {}).items()
+        }
+        fp = _fingerprint(
+            sha256_tree(scans[sid]),
+            sha256_tree(labels[sid]),
+            splits[sid],
+            config,
+            {
+                lang: {
+                    "sentences": [
+                        (s["text"], [m.to_dict() for m in s["mentions"]]) for s in v["sentences"]
+                    ],
+                    "clinical_info": v["clinical_info"],
+                    "clinical_question": v["clinical_question"],
+                }
+                for lang, v in reps.items()
+            },
+            radgrounder.__version__,
+        )
+        jobs.append(
+            ScanJob(
+                sid,
+                str(scans[sid]),
+                str(labels[sid]),
+                splits[sid],
+                str(out),
+                reps,
+                {**config, "slice_axis": opts.slice_axis},
+                fp,
+                opts.languages,
+            )
+        )
+
+    done, skipped = [], []
+    per_scan: dict[str, dict[str, Any]] = {}
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("building scans", total=len(jobs))
+
+        def on_done(res: ScanResult) -> None:
+            if res.ok:
+                (skipped if res.skipped else done).append(res.scan_id)
+                per_scan[res.scan_id] = res.counts
+            else:
+                failed[res.scan_id] = res.error or "unknown error"
+            bar.advance(task)
+
+        _run_jobs(jobs, opts, on_done)
+
+    manifest = _manifest(jobs, per_scan, splits, scans, labels, config, sentence_failures)
+    atomic_write_json(out / "manifest.json", manifest)
+    atomic_write_json(
+        out / "build_report.json",
+        {
+            "failed_scans": dict(sorted(failed.items())),
+            "failed_sentences": dict(sorted(sentence_failures.items())),
+            "reports_without_scan": unmatched,
+        },
+    )
+    return BuildReport(out, sorted(done), sorted(skipped), dict(sorted(failed.items())), manifest)
+
+
+def _manifest(jobs, per_scan, splits, scans, labels, config, sentence_failures) -> dict[str, Any]:
+    totals: dict[str, Any] = {
+        "scans": {},
+        "slices": {},
+        "samples": {},
+        "tasks": {},
+        "languages": {},
+        "classes": {},
+    }
+    sources = {}
+    for job in jobs:
+        if job.scan_id not in per_scan:
+            continue
+        c, split = per_scan[job.scan_id], job.split
+        totals["scans"][split] = totals["scans"].get(split, 0) + 1
+        totals["slices"][split] = totals["slices"].get(split, 0) + c["slices"]
+        totals["samples"][split] = totals["samples"].get(split, 0) + c["samples"]
+        for key in ("tasks", "languages", "classes"):
+            bucket = totals[key].setdefault(split, {})
+            for k, v in c[key].items():
+                bucket[k] = bucket.get(k, 0) + v
+        sources[job.scan_id] = {
+            "split": split,
+            "scan": Path(job.scan_path).name,
+            "labels": Path(job.label_path).name,
+            "fingerprint": job.fingerprint,
+        }
+    return {
+        "format": "radgrounder-grounded-dataset/1",
+        "tool": {"name": "radgrounder", "version": radgrounder.__version__},
+        "config": config,
+        "splits": list(SPLITS),
+        "counts": totals,
+        "sources": sources,
+        "n_failed_sentences": len(sentence_failures),
+    }

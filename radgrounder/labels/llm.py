@@ -1,0 +1,485 @@
+"""Keyword extraction with any OpenAI-compatible chat-completions server (vLLM, Ollama, llama.cpp).
+
+The model only names keywords and their class. Offsets are located here, a keyword the sentence
+does not contain verbatim is rejected, and negation comes from the lexical
+:mod:`radgrounder.labels.negation`, so a model cannot invent text or decide negation.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import math
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+from radgrounder.anatomy import load_schema
+from radgrounder.errors import RadGrounderError
+from radgrounder.labels.checkpoint import CheckpointWriter, read_checkpoint
+from radgrounder.labels.llm_prompt import check_language as _check_language
+from radgrounder.labels.llm_prompt import mentions_schema, system_prompt
+from radgrounder.labels.mentions import Mention
+
+
+@dataclass
+class KeywordRun:
+    """What :meth:`LLMExtractor.extract_many` produced: every sentence id is in exactly one of
+    ``results`` and ``failures``."""
+
+    results: dict[str, list[Mention]] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, list[str]] = field(default_factory=dict)
+    n_requests: int = 0
+    n_retries: int = 0
+    n_rejected: int = 0
+    n_resumed: int = 0
+
+
+class _Retry(Exception):
+    """An attempt worth repeating; ``wait`` (from Retry-After) replaces the backoff delay."""
+
+    def __init__(self, reason: str, wait: float | None = None) -> None:
+        super().__init__(reason)
+        self.wait = wait
+
+
+class _Fatal(Exception):
+    """An attempt that repeating cannot fix (bad request, auth, wrong URL)."""
+
+
+@dataclass
+class _Outcome:
+    sentence_id: str
+    mentions: list[Mention] | None
+    rejected: list[str]
+    reason: str
+    requests: int
+    retries: int
+
+
+class LLMExtractor:
+    """Finds anatomy mentions in report sentences with a chat-completions server.
+
+    ``endpoint`` is the server's base URL, e.g. ``http://127.0.0.1:8000/v1``.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        concurrency: int = 8,
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        temperature: float = 0.0,
+        checkpoint: str | Path | None = None,
+        use_json_schema: bool = True,
+    ) -> None:
+        self.url = _check_endpoint(endpoint) + "/chat/completions"
+        if not isinstance(model, str) or not model.strip():
+            raise RadGrounderError(f"model: expected a non-empty name, got {model!r}")
+        self.model = model
+        _check_number("concurrency", concurrency, 1, integer=True)
+        _check_number("max_retries", max_retries, 0, integer=True)
+        _check_number("timeout", timeout, 0, exclusive=True)
+        for name, value in (("backoff", backoff), ("max_backoff", max_backoff)):
+            _check_number(name, value, 0)
+        _check_number("temperature", temperature, 0)
+        self.concurrency, self.max_retries = concurrency, max_retries
+        self.timeout, self.backoff, self.max_backoff = timeout, backoff, max_backoff
+        self.temperature = temperature
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.use_json_schema = use_json_schema
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        host = urllib.parse.urlsplit(self.url).hostname or ""
+        # Environment proxies must not capture a server on this machine.
+        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(host) else []
+        self._opener = urllib.request.build_opener(*handlers)
+        self._categories = frozenset(load_schema().names)
+
+    def extract(self, sentence: str, language: str) -> list[Mention]:
+        """The mentions in one sentence; raises RadGrounderError with the reason on failure."""
+        if not isinstance(sentence, str):
+            raise RadGrounderError(f"sentence: expected a string, got {type(sentence).__name__}")
+        _check_language("language", language)
+        outcome = self._extract_one("sentence", sentence, language)
+        if outcome.mentions is None:
+            raise RadGrounderError(f"keyword extraction failed: {outcome.reason}")
+        return outcome.mentions
+
+    def extract_many(
+        self, items: Iterable[tuple[str, str, str]], *, progress: bool = True
+    ) -> KeywordRun:
+        """Extract ``(sentence_id, sentence, language)`` items, ``concurrency`` requests at a time.
+
+        With a checkpoint, sentences it already holds (same id, text and language) are not
+        requested again and each finished sentence is appended to it as soon as it is done.
+        """
+        todo = _check_items(items)
+        run = KeywordRun()
+        if self.checkpoint is not None:
+            _resume(self.checkpoint, todo, run)
+        pending = [item for item in todo if item[0] not in run.results]
+        writer = CheckpointWriter(self.checkpoint) if self.checkpoint is not None else None
+        try:
+            with _progress_bar(progress, len(todo), run.n_resumed) as advance:
+                self._run_pending(pending, run, writer, advance)
+        finally:
+            if writer is not None:
+                writer.close()
+        return run
+
+    def _run_pending(
+        self,
+        pending: Sequence[tuple[str, str, str]],
+        run: KeywordRun,
+        writer: CheckpointWriter | None,
+        advance: Callable[[], None],
+    ) -> None:
+        by_id = {item[0]: item for item in pending}
+        stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="llm")
+        try:
+            futures = {pool.submit(self._extract_one, *item, stop): item[0] for item in pending}
+            for future in as_completed(futures):
+                sid = futures[future]
+                try:
+                    outcome = future.result()
+                except Exception as exc:  # a bug must still leave the sentence accounted for
+                    outcome = _Outcome(sid, None, [], f"internal error: {exc!r}", 0, 0)
+                run.n_requests += outcome.requests
+                run.n_retries += outcome.retries
+                _, sentence, language = by_id[sid]
+                record: dict[str, Any] = {"id": sid, "sentence": sentence, "language": language}
+                if outcome.mentions is None:
+                    run.failures[sid] = record["failed"] = outcome.reason
+                else:
+                    run.results[sid] = outcome.mentions
+                    record["mentions"] = [m.to_dict() for m in outcome.mentions]
+                    record["rejected"] = outcome.rejected
+                    if outcome.rejected:
+                        run.rejected[sid] = outcome.rejected
+                        run.n_rejected += len(outcome.rejected)
+                if writer is not None:
+                    writer.write(record)
+                advance()
+        finally:
+            # On Ctrl-C, drop the queued sentences and stop retrying the running ones.
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _extract_one(
+        self, sentence_id: str, sentence: str, language: str, stop: threading.Event | None = None
+    ) -> _Outcome:
+        if not sentence.strip():
+            return _Outcome(sentence_id, [], [], "", 0, 0)
+        stop = stop or threading.Event()
+        body = json.dumps(self._payload(sentence, language)).encode("utf-8")
+        reason = ""
+        for attempt in range(self.max_retries + 1):
+            try:
+                content, finish = _reply_content(self._post(body))
+                entries = _parse_entries(content, finish, self._categories)
+                mentions, rejected = _locate(sentence, language, entries)
+                return _Outcome(sentence_id, mentions, rejected, "", attempt + 1, attempt)
+            except _Fatal as exc:
+                return _Outcome(sentence_id, None, [], str(exc), attempt + 1, attempt)
+            except _Retry as exc:
+                reason = str(exc)
+                if attempt < self.max_retries and stop.wait(self._delay(attempt, exc.wait)):
+                    reason = f"cancelled: {reason}"
+                    return _Outcome(sentence_id, None, [], reason, attempt + 1, attempt)
+        n = self.max_retries + 1
+        return _Outcome(sentence_id, None, [], f"gave up after {n} attempts: {reason}", n, n - 1)
+
+    def _payload(self, sentence: str, language: str) -> dict[str, Any]:
+        if self.use_json_schema:
+            schema = {"name": "mentions", "strict": True, "schema": mentions_schema()}
+            response_format: dict[str, Any] = {"type": "json_schema", "json_schema": schema}
+        else:
+            response_format = {"type": "json_object"}
+        return {
+            "model": self.model,
+            "messages": [
+                {"role": "system", "content": system_prompt(language)},
+                {"role": "user", "content": sentence},
+            ],
+            "temperature": self.temperature,
+            "response_format": response_format,
+            "stream": False,
+        }
+
+    def _delay(self, attempt: int, wait: float | None) -> float:
+        if wait is not None:
+            return min(wait, self.max_backoff)
+        # Jitter keeps many workers that failed together from retrying in lockstep.
+        base = min(self.max_backoff, self.backoff * 2.0**attempt)
+        return base * random.uniform(0.5, 1.0)
+
+    def _post(self, body: bytes) -> Any:
+        request = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            raise _http_error(exc) from None
+        except TimeoutError:
+            raise _Retry(f"request timed out after {self.timeout:g} s") from None
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, TimeoutError):
+                raise _Retry(f"request timed out after {self.timeout:g} s") from None
+            raise _Retry(f"connection error: {exc.reason}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Retry(f"connection error: {type(exc).__name__}: {exc}") from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise _Retry(f"response body is not JSON: {_excerpt(raw)!r}") from None
+
+
+def _http_error(exc: urllib.error.HTTPError) -> Exception:
+    try:
+        text = _excerpt(exc.read(2000))
+    except (OSError, http.client.HTTPException):
+        text = ""
+    finally:
+        exc.close()
+    reason = f"HTTP {exc.code}: {text}" if text else f"HTTP {exc.code}"
+    if exc.code == 429:
+        return _Retry(reason, _retry_after(exc.headers.get("Retry-After")))
+    if exc.code >= 500 or exc.code in (408, 409, 425):
+        return _Retry(reason)
+    return _Fatal(reason)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _excerpt(raw: bytes | str, limit: int = 200) -> str:
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _reply_content(reply: Any) -> tuple[str, Any]:
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not isinstance(choices, list) or not choices:
+        raise _Retry(f"reply has no choices: {_excerpt(json.dumps(reply))!r}")
+    first = choices[0] if isinstance(choices[0], dict) else {}
+    message = first.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str) or not content.strip():
+        raise _Retry("reply has no message content")
+    return content, first.get("finish_reason")
+
+
+def _parse_entries(content: str, finish: Any, categories: frozenset[str]) -> list[tuple[str, str]]:
+    text = content.strip()
+    # Servers without constrained decoding often wrap the JSON in a Markdown fence.
+    if text.startswith("```") and text.endswith("```") and len(text) >= 6:
+        text = text[3:-3].removeprefix("json").strip()
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        cut = " (cut off: finish_reason=length)" if finish == "length" else ""
+        raise _Retry(f"reply is not valid JSON{cut}: {exc} in {_excerpt(text)!r}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("mentions"), list):
+        raise _Retry(f'reply violates the schema: no "mentions" list in {_excerpt(text)!r}')
+    entries = []
+    for i, item in enumerate(data["mentions"]):
+        keyword = item.get("keyword") if isinstance(item, dict) else None
+        category = item.get("category") if isinstance(item, dict) else None
+        if not isinstance(keyword, str) or not isinstance(category, str):
+            raise _Retry(
+                f'reply violates the schema: mentions[{i}] needs string "keyword" and '
+                f'"category", got {_excerpt(json.dumps(item))!r}'
+            )
+        if category not in categories:
+            raise _Retry(f"reply violates the schema: unknown category {category!r}")
+        entries.append((keyword, category))
+    return entries
+
+
+def _locate(
+    sentence: str, language: str, entries: list[tuple[str, str]]
+) -> tuple[list[Mention], list[str]]:
+    schema = load_schema()
+    negated = _negation()
+    used: dict[tuple[str, str], set[int]] = {}
+    spans: list[tuple[int, int]] = []
+    mentions: list[Mention] = []
+    rejected: list[str] = []
+    for raw, _ in entries:
+        if (not raw.strip() or raw.strip() not in sentence) and raw not in rejected:
+            rejected.append(raw)
+    # Longest keywords first, so "kidney" cannot take the "kidney" inside "left kidney".
+    for raw, category in sorted(entries, key=lambda e: -len(e[0].strip())):
+        keyword = raw.strip()
+        starts = _occurrences(sentence, keyword) if keyword else []
+        if not starts:
+            continue
+        taken = used.setdefault((keyword, category), set())
+        free = [s for s in starts if s not in taken]
+        if not free:
+            continue  # the pair again, more often than the sentence has it: a duplicate
+        size = len(keyword)
+
+        def rank(s: int, n: int = size) -> tuple[bool, bool, int]:
+            inside = any(a <= s and s + n <= b and (a, b) != (s, s + n) for a, b in spans)
+            return (not _whole_word(sentence, s, s + n), inside, s)
+
+        start = min(free, key=rank)
+        taken.add(start)
+        end = start + size
+        spans.append((start, end))
+        flag = bool(negated(sentence, start, end, language)) if negated else False
+        mentions.append(Mention(start, end, keyword, category, schema.by_name(category).id, flag))
+    mentions.sort(key=lambda m: (m.start, m.end, m.class_id))
+    return mentions, rejected
+
+
+def _negation() -> Callable[[str, int, int, str], bool] | None:
+    try:
+        from radgrounder.labels.negation import is_negated
+    except ModuleNotFoundError as exc:
+        if exc.name != "radgrounder.labels.negation":
+            raise
+        return None
+    return is_negated
+
+
+def _occurrences(sentence: str, keyword: str) -> list[int]:
+    starts, i = [], sentence.find(keyword)
+    while i >= 0:
+        starts.append(i)
+        i = sentence.find(keyword, i + 1)
+    return starts
+
+
+def _whole_word(sentence: str, start: int, end: int) -> bool:
+    # "T1" should prefer a standalone "T1" over the start of "T12".
+    before = sentence[start - 1] if start > 0 else " "
+    after = sentence[end] if end < len(sentence) else " "
+    return not before.isalnum() and not after.isalnum()
+
+
+def _check_endpoint(endpoint: object) -> str:
+    if not isinstance(endpoint, str):
+        raise RadGrounderError(f"endpoint: expected a URL string, got {endpoint!r}")
+    parts = urllib.parse.urlsplit(endpoint.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RadGrounderError(
+            f"endpoint: {endpoint!r} is not an http(s) URL with a host "
+            "(expected e.g. http://127.0.0.1:8000/v1)"
+        )
+    if parts.query or parts.fragment:
+        raise RadGrounderError(f"endpoint: {endpoint!r} must not have a query or fragment")
+    base = endpoint.strip().rstrip("/")
+    return base.removesuffix("/chat/completions")
+
+
+def _check_number(
+    name: str, value: object, low: float, *, integer: bool = False, exclusive: bool = False
+) -> None:
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (exclusive and value == low):
+        bound = f"> {low:g}" if exclusive else f">= {low:g}"
+        kind = "an integer" if integer else "a number"
+        raise RadGrounderError(f"{name}: expected {kind} {bound}, got {value!r}")
+
+
+def _check_items(items: Iterable[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    checked: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        if not isinstance(item, (tuple, list)) or len(item) != 3:
+            raise RadGrounderError(f"items[{i}]: expected (sentence_id, sentence, language)")
+        sid, sentence, language = item
+        if not isinstance(sid, str) or not sid:
+            raise RadGrounderError(f"items[{i}]: sentence_id must be a non-empty string")
+        if not isinstance(sentence, str):
+            raise RadGrounderError(f"items[{i}] ({sid}): sentence must be a string")
+        _check_language(f"items[{i}] ({sid}): language", language)
+        if sid in seen:
+            raise RadGrounderError(f"items[{i}]: sentence_id {sid!r} appears more than once")
+        seen.add(sid)
+        checked.append((sid, sentence, language))
+    return checked
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _resume(path: Path, todo: list[tuple[str, str, str]], run: KeywordRun) -> None:
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise RadGrounderError("checkpoint is not a file", path=path)
+    records, intact = read_checkpoint(path)
+    if intact < path.stat().st_size:
+        os.truncate(path, intact)  # else the next append would glue onto the broken line
+    for sid, sentence, language in todo:
+        record = records.get(sid)
+        if record is None or "failed" in record:
+            continue
+        if record.get("sentence") != sentence or record.get("language") != language:
+            continue
+        try:
+            mentions = [Mention.from_dict(m) for m in record["mentions"]]
+            for mention in mentions:
+                mention.check(sentence)
+        except (RadGrounderError, KeyError, TypeError, AttributeError) as exc:
+            raise RadGrounderError(f"line {record['_line']}: {exc}", path=path) from None
+        run.results[sid] = mentions
+        rejected = [str(k) for k in record.get("rejected") or []]
+        if rejected:
+            run.rejected[sid] = rejected
+            run.n_rejected += len(rejected)
+        run.n_resumed += 1
+
+
+@contextmanager
+def _progress_bar(enabled: bool, total: int, done: int) -> Iterator[Callable[[], None]]:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    bar = Progress(console=console, disable=not (enabled and console.is_terminal))
+    task = bar.add_task("keywords", total=total, completed=done)
+    with bar:
+        yield lambda: bar.advance(task)
