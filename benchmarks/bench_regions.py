@@ -112,15 +112,20 @@ def main() -> None:
         synth = Path(tmp) / "synthetic.nii.gz"
         synthetic_label_map(synth, args.slices)
         cases[f"synthetic_512x512x{args.slices}"] = run_case(synth, args.repeat)
-    print(json.dumps({
-        "cases": cases,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "cases": cases,
+                "machine": {
+                    "platform": platform.platform(),
+                    "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                },
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

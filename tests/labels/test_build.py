@@ -220,3 +220,19 @@ def test_kill_9_then_resume_gives_byte_identical_output(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout
     assert tree_bytes(out) == tree_bytes(tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_ray_executor_gives_identical_output(built, tmp_path):
+    pytest.importorskip("ray")
+    import ray
+
+    root, _ = built
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        report = build_dataset(root / "scans", root / "labels", REPORTS, tmp_path / "ray",
+                               BuildOptions(executor="ray"), progress=False)
+    finally:
+        ray.shutdown()
+    assert sorted(report.done) == sorted(SMALL)
+    assert tree_bytes(tmp_path / "ray") == tree_bytes(root / "out")
