@@ -295,6 +295,47 @@ def labels_export(
     typer.echo(f"refrad2d export: {written} -> {out}")
 
 
+model_app = typer.Typer(help="Create and inspect models.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command(
+    "init", epilog=_example("radgrounder model init --size tiny --variant detection models/tiny")
+)
+def model_init(
+    out: Annotated[Path, typer.Argument(help="Folder for the new model.")],
+    size: Annotated[str, typer.Option(help="tiny (CPU tests) or 3b (real shapes).")] = "tiny",
+    variant: Annotated[str, typer.Option(help="detection or segmentation.")] = "detection",
+    seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
+) -> None:
+    """Write a randomly initialised model of the real classes plus its tokenizer."""
+    from radgrounder.modeling import init_model
+
+    path = init_model(size, variant, out, seed=seed)
+    typer.echo(f"{size} {variant} model -> {path}")
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog=_example("radgrounder train configs/tiny-cpu.yaml output_dir=runs/tiny max_steps=50"),
+)
+def train(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Argument(help="Training config (YAML).")],
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train or fine-tune; extra key=value arguments override the config (dotted keys)."""
+    from radgrounder.training import load_config
+    from radgrounder.training import train as run_training
+
+    cfg = load_config(config, list(ctx.args))
+    result = run_training(cfg, progress=not quiet)
+    msg = f"trained {result.steps} steps, last loss {result.last_loss:.4f}"
+    if result.eval_loss is not None:
+        msg += f", held-out loss {result.eval_loss:.4f}"
+    typer.echo(f"{msg}; final model -> {result.final_dir}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: bad input becomes one line on stderr and exit code 1."""
     try:

@@ -1,0 +1,254 @@
+"""Training configuration: one YAML file is the whole experiment, ``key=value`` overrides it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from radgrounder.errors import RadGrounderError
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+
+
+@dataclass
+class ModelConfig:
+    init: str | None = "tiny"  # tiny | 3b: a random model of the real classes (with path unset)
+    path: str | None = None  # a checkpoint folder or hub id to fine-tune instead
+    variant: str = "detection"  # detection | segmentation
+    dtype: str = "float32"  # weights: float32 | bfloat16
+    attn_implementation: str = "sdpa"
+    freeze_vision: bool = True
+    train_projector: bool = True
+    train_language_model: bool = True
+    siglip_checkpoint: str | None = None  # fine-tuned SigLIP (open_clip/timm) for the tower
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class SourceConfig:
+    kind: str = "built"  # built | slake | vqa_rad
+    path: str = ""
+    name: str | None = None
+    split: str = "train"
+    weight: float = 1.0
+    tasks: list[str] = field(default_factory=lambda: ["grounded-report", "vqa"])
+    languages: list[str] = field(default_factory=lambda: ["en", "de"])
+    images: str | None = None  # image folder for VQA-RAD
+
+
+@dataclass
+class BuildConfig:
+    """Build a dataset from scans on first use (skipped when it exists)."""
+
+    scans: str | None = None
+    labels: str | None = None
+    reports: str | None = None
+    out: str | None = None
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    eval_sources: list[SourceConfig] = field(default_factory=list)
+    temperature: float = 1.0
+    prefix_style: str = "random"
+    eval_prefix_style: str = "both"
+    preset: str = "reference"
+    image_size: int = 224
+    augment: bool = False
+    build: BuildConfig = field(default_factory=BuildConfig)
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # adamw | adafactor
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    eval_batch_size: int = 8
+    eval_every: int = 50
+    eval_samples: int = 64
+    save_every: int = 50
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    seg_loss_weight: float = 0.1
+    seg_loss_scaling: str = "mean"  # mean (per optimizer step) | reference (summed, spec §3.3)
+    max_target_tokens: int | None = None
+    wandb_project: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise RadGrounderError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise RadGrounderError(
+                f"{where}.{key}: unknown setting (valid: {', '.join(sorted(fields))})"
+            )
+
+        sub = {
+            "lora": LoraConfig,
+            "model": ModelConfig,
+            "data": DataConfig,
+            "optim": OptimConfig,
+            "build": BuildConfig,
+        }.get(key)
+        if sub is not None and isinstance(value, dict):
+            value = _from_dict(sub, value, f"{where}.{key}")
+        elif key in ("sources", "eval_sources"):
+            if not isinstance(value, list):
+                raise RadGrounderError(f"{where}.{key}: expected a list of sources")
+            value = [
+                _from_dict(SourceConfig, v, f"{where}.{key}[{i}]") for i, v in enumerate(value)
+            ]
+        elif key == "betas":
+            value = tuple(float(v) for v in value)
+        else:
+            value = _coerce(value, str(fields[key].type), f"{where}.{key}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, type_name: str, where: str) -> Any:
+    """YAML reads ``1e-3`` as a string; numbers and flags are converted by the field's type."""
+    if value is None and "None" in type_name:
+        return None
+    base = type_name.split("|")[0].strip()
+    try:
+        if base == "float":
+            return float(value)
+        if base == "int":
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1", "false", "no", "0"):
+                return str(value).lower() in ("true", "yes", "1")
+            raise ValueError
+    except (TypeError, ValueError):
+        raise RadGrounderError(f"{where}: expected {base}, got {value!r}") from None
+    return value
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if part.isdigit() and isinstance(node, list):
+            node = node[int(part)]
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict | list):
+            raise RadGrounderError(f"override {dotted}: {part} is not a section")
+    last = parts[-1]
+    if isinstance(node, list) and last.isdigit():
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RadGrounderError("training config not found", path=path)
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise RadGrounderError(f"invalid YAML ({exc})", path=path) from exc
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RadGrounderError(f"override {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    cfg = _from_dict(TrainConfig, tree, "config")
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: TrainConfig) -> None:
+    checks = [
+        (
+            cfg.model.variant in ("detection", "segmentation"),
+            "model.variant",
+            "detection or segmentation",
+        ),
+        (
+            cfg.model.path or cfg.model.init in ("tiny", "3b"),
+            "model.init",
+            "tiny or 3b (or set model.path)",
+        ),
+        (cfg.precision in ("fp32", "bf16"), "precision", "fp32 or bf16"),
+        (cfg.seg_loss_scaling in ("mean", "reference"), "seg_loss_scaling", "mean or reference"),
+        (cfg.optim.optimizer in ("adamw", "adafactor"), "optim.optimizer", "adamw or adafactor"),
+        (
+            cfg.optim.schedule in ("cosine", "linear", "constant"),
+            "optim.schedule",
+            "cosine, linear or constant",
+        ),
+        (cfg.max_steps > 0, "max_steps", "a positive number"),
+        (cfg.batch_size > 0 and cfg.grad_accum > 0, "batch_size/grad_accum", "positive"),
+        (cfg.data.temperature > 0, "data.temperature", "positive"),
+    ]
+    for ok, field_name, expected in checks:
+        if not ok:
+            raise RadGrounderError(f"config.{field_name}: expected {expected}")
+    for i, src in enumerate(cfg.data.sources + cfg.data.eval_sources):
+        if src.kind not in ("built", "slake", "vqa_rad"):
+            raise RadGrounderError(
+                f"config.data.sources[{i}].kind: unknown {src.kind!r} (built, slake, vqa_rad)"
+            )
+        if src.weight <= 0:
+            raise RadGrounderError(f"config.data.sources[{i}].weight: must be positive")
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

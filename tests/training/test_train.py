@@ -1,0 +1,163 @@
+"""The training recipe on CPU: checkpoints, exact resume after kill -9, a loadable final model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from radgrounder.grounding import codec
+from radgrounder.modeling import generate, init_model, load_model
+from radgrounder.training import load_config, train
+from radgrounder.training.collate import make_batch
+from radgrounder.training.config import SourceConfig
+from radgrounder.training.data import BuiltSource
+from radgrounder.training.setup import load_siglip_checkpoint, map_siglip_state_dict
+from tests.conftest import REPO
+
+TINY = REPO / "configs" / "tiny-cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from radgrounder.labels.build import BuildOptions, build_dataset
+    from tests.labels.test_build import REPORTS, small_layout
+
+    root = tmp_path_factory.mktemp("train-ds")
+    scans, labels = small_layout(root, ids=("ct_upper_abdomen", "ct_dicom_series"))
+    build_dataset(
+        scans, labels, REPORTS, root / "ds", BuildOptions(splits=(0.5, 0, 0.5)), progress=False
+    )
+    return root / "ds"
+
+
+def overrides(dataset, out, *extra):
+    return [
+        f"output_dir={out}",
+        "data.build.out=null",
+        f"data.sources.0.path={dataset}",
+        f"data.sources.1.path={dataset}",
+        f"data.eval_sources.0.path={dataset}",
+        "batch_size=2",
+        "max_target_tokens=24",
+        "eval_samples=4",
+        "eval_batch_size=4",
+        "log_every=1",
+        *extra,
+    ]
+
+
+def losses(out):
+    lines = (out / "logs" / "train.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+
+
+def test_train_checkpoints_and_the_final_model_loads_and_generates(dataset, tmp_path):
+    cfg = load_config(
+        TINY,
+        overrides(
+            dataset,
+            tmp_path / "run",
+            "max_steps=4",
+            "save_every=2",
+            "eval_every=4",
+            "keep_checkpoints=1",
+        ),
+    )
+    result = train(cfg, progress=False)
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000004"]
+    assert len(losses(tmp_path / "run")) == 4 and result.eval_loss is not None
+    loaded = load_model(result.final_dir)
+    assert loaded.variant == "detection"
+    src = BuiltSource(
+        SourceConfig(path=str(dataset), split="test", tasks=["grounded-report"]),
+        "detection",
+        preset="reference",
+        size=224,
+    )
+    ex = src.example(0, np.random.default_rng(0), "both")
+    batch = make_batch([ex], loaded.tokenizer, n_image_tokens=256, training=False)
+    [out] = generate(loaded.model, loaded.tokenizer, batch, max_new_tokens=8)
+    assert isinstance(out.text, str) and len(out.token_ids) <= 8
+    codec("radgrounder-detect").decode(out.text)  # never raises
+
+
+def test_segmentation_variant_trains_with_mask_loss(dataset, tmp_path):
+    cfg = load_config(
+        TINY,
+        overrides(
+            dataset,
+            tmp_path / "seg",
+            "max_steps=2",
+            "model.variant=segmentation",
+            "save_every=2",
+            "eval_every=100",
+            "seg_loss_scaling=reference",
+        ),
+    )
+    train(cfg, progress=False)
+    records = [json.loads(x) for x in (tmp_path / "seg/logs/train.jsonl").read_text().splitlines()]
+    assert any(r.get("seg_loss", 0) > 0 for r in records)
+    assert load_model(tmp_path / "seg" / "final").variant == "segmentation"
+
+
+def test_kill_9_and_resume_reproduces_the_uninterrupted_loss_curve(dataset, tmp_path):
+    args = overrides(dataset, tmp_path / "ref", "max_steps=16", "save_every=3", "eval_every=100")
+    train(load_config(TINY, args), progress=False)
+    reference = losses(tmp_path / "ref")
+    out = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "radgrounder",
+        "train",
+        str(TINY),
+        "--quiet",
+        *overrides(dataset, out, "max_steps=16", "save_every=3", "eval_every=100"),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "checkpoints" / "step-0000003").is_dir():
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(out) == reference
+
+
+def test_siglip_checkpoint_mapping_loads_strictly(tmp_path):
+    loaded = load_model(init_model("tiny", "detection", tmp_path / "m"))
+    tower = loaded.model.model.vision_tower
+    reference = {k: v.clone() for k, v in tower.state_dict().items()}
+    # Write the tower's weights in open_clip/timm naming, as a fine-tuned SigLIP is saved.
+    clip = {}
+    for k, v in reference.items():
+        k2 = k.replace("embeddings.patch_embedding", "patch_embed.proj")
+        k2 = k2.replace("encoder.layers.", "blocks.").replace("self_attn.out_proj", "attn.proj")
+        k2 = k2.replace("layer_norm1", "norm1").replace("layer_norm2", "norm2")
+        k2 = k2.replace("post_layernorm.", "norm.")
+        if k == "embeddings.position_embedding.weight":
+            clip["model.visual.trunk.pos_embed"] = v[None] + 1
+            continue
+        if ".self_attn.q_proj." in k:
+            kv = k.replace("q_proj", "k_proj")
+            vv = k.replace("q_proj", "v_proj")
+            fused = torch.cat([v, reference[kv], reference[vv]]) + 1
+            clip["model.visual.trunk." + k2.replace("self_attn.q_proj", "attn.qkv")] = fused
+            continue
+        if ".self_attn.k_proj." in k or ".self_attn.v_proj." in k:
+            continue
+        clip["model.visual.trunk." + k2] = v + 1
+    clip["model.visual.trunk.attn_pool.latent"] = torch.zeros(1)
+    assert set(map_siglip_state_dict(clip)) == set(reference)
+    torch.save({"state_dict": clip}, tmp_path / "siglip.pt")
+    load_siglip_checkpoint(loaded.model, tmp_path / "siglip.pt")
+    for k, v in tower.state_dict().items():
+        assert torch.allclose(v, reference[k] + 1), k
