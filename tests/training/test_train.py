@@ -161,3 +161,28 @@ def test_siglip_checkpoint_mapping_loads_strictly(tmp_path):
     load_siglip_checkpoint(loaded.model, tmp_path / "siglip.pt")
     for k, v in tower.state_dict().items():
         assert torch.allclose(v, reference[k] + 1), k
+
+
+def test_lora_trains_adapters_and_merges_into_the_final_model(dataset, tmp_path):
+    cfg = load_config(
+        TINY,
+        overrides(
+            dataset,
+            tmp_path / "lora",
+            "max_steps=2",
+            "model.lora.enabled=true",
+            "model.lora.r=4",
+            "save_every=2",
+            "eval_every=100",
+        ),
+    )
+    train(cfg, progress=False)
+    trainable = json.loads((tmp_path / "lora" / "trainable.json").read_text())
+    assert 0 < trainable["trainable"] < 0.5 * trainable["parameters"]
+    merged = load_model(tmp_path / "lora" / "final")
+    init = load_model(tmp_path / "lora" / "init")
+    names = dict(merged.model.named_parameters())
+    changed = [n for n, p in init.model.named_parameters() if not torch.equal(p, names[n])]
+    assert any("language_model" in n and "q_proj" in n for n in changed)
+    assert not any("vision_tower" in n for n in changed)
+    assert not any("lora" in n for n in names)
