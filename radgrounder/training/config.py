@@ -48,7 +48,7 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    kind: str = "built"  # built | slake | vqa_rad
+    kind: str = "built"  # built | slake | vqa_rad | refrad2d
     path: str = ""
     name: str | None = None
     split: str = "train"
@@ -242,9 +242,10 @@ def _validate(cfg: TrainConfig) -> None:
         if not ok:
             raise RadGrounderError(f"config.{field_name}: expected {expected}")
     for i, src in enumerate(cfg.data.sources + cfg.data.eval_sources):
-        if src.kind not in ("built", "slake", "vqa_rad"):
+        if src.kind not in ("built", "slake", "vqa_rad", "refrad2d"):
             raise RadGrounderError(
-                f"config.data.sources[{i}].kind: unknown {src.kind!r} (built, slake, vqa_rad)"
+                f"config.data.sources[{i}].kind: unknown {src.kind!r} "
+                "(built, slake, vqa_rad, refrad2d)"
             )
         if src.weight <= 0:
             raise RadGrounderError(f"config.data.sources[{i}].weight: must be positive")

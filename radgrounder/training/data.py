@@ -56,9 +56,11 @@ def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 class BuiltSource:
     """Samples of a dataset folder written by ``radgrounder labels build``."""
 
-    def __init__(self, cfg: SourceConfig, variant: str, *, preset: str, size: int) -> None:
+    def __init__(
+        self, cfg: SourceConfig, variant: str, *, preset: str, size: int, augment: bool = False
+    ) -> None:
         self.name = cfg.name or f"built:{Path(cfg.path).name}"
-        self.variant, self.preset, self.size = variant, preset, size
+        self.variant, self.preset, self.size, self.augment = variant, preset, size, augment
         ds = GroundedDataset(Path(cfg.path))
         self.root = ds.root
         wanted = set(cfg.tasks)
@@ -98,8 +100,23 @@ class BuiltSource:
     def example(self, i: int, rng: np.random.Generator, prefix_style: str) -> Example:
         task, row = self.rows[i]
         pixels, labels, modality = self._slice(row["split"], row["scan_id"], row["slice_index"])
+        grounded_task = task in ("grounded-report", "grounded-vqa")
+        target, mask_ids = None, []
+        if self.augment:
+            from radgrounder.grounding import codec
+            from radgrounder.training.augment import augment_slice
+
+            pixels, labels, gt = augment_slice(
+                pixels, labels, json.loads(row["spans"]), row["text"], rng
+            )
+            if grounded_task:
+                markup = (
+                    "radgrounder-detect" if self.variant == "detection" else "radgrounder-segment"
+                )
+                target = codec(markup).encode(gt)
+                mask_ids = [s.meta["class_ids"] for s in gt.spans]
         image = preprocess_slice(
-            pixels.astype(np.float32), modality, preset=self.preset, size=self.size
+            np.asarray(pixels, np.float32), modality, preset=self.preset, size=self.size
         )
         lang = row["language"]
         masks: list[np.ndarray] = []
@@ -116,10 +133,14 @@ class BuiltSource:
             prompt = build_prompt("vqa", lang, question=row["question"])
         else:
             prompt = build_prompt("grounded-vqa", lang, question=row["question"])
-        if task in ("grounded-report", "grounded-vqa"):
-            target = row["target_detect"] if self.variant == "detection" else row["target_segment"]
+        if grounded_task:
+            if target is None:
+                target = (
+                    row["target_detect"] if self.variant == "detection" else row["target_segment"]
+                )
+                mask_ids = json.loads(row["mask_class_ids"])
             if self.variant == "segmentation":
-                for ids in json.loads(row["mask_class_ids"]):
+                for ids in mask_ids:
                     m = np.zeros(labels.shape, bool)
                     for cid in ids:
                         m |= group_mask(labels, cid)
@@ -239,9 +260,13 @@ class VqaRadSource(_VQASource):
         super().__init__(items, images, preset=preset, size=size)
 
 
-def make_source(cfg: SourceConfig, variant: str, *, preset: str, size: int):
+def make_source(cfg: SourceConfig, variant: str, *, preset: str, size: int, augment: bool = False):
     if cfg.kind == "built":
-        return BuiltSource(cfg, variant, preset=preset, size=size)
+        return BuiltSource(cfg, variant, preset=preset, size=size, augment=augment)
+    if cfg.kind == "refrad2d":
+        from radgrounder.training.refrad2d import RefRad2DSource
+
+        return RefRad2DSource(cfg, variant, preset=preset, size=size)
     if cfg.kind == "slake":
         return SlakeSource(cfg, preset=preset, size=size)
     return VqaRadSource(cfg, preset=preset, size=size)

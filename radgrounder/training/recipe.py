@@ -213,7 +213,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     if not cfg.data.sources:
         raise RadGrounderError("config.data.sources: no training data configured")
     sources = [
-        make_source(s, cfg.model.variant, preset=preset, size=size) for s in cfg.data.sources
+        make_source(s, cfg.model.variant, preset=preset, size=size, augment=cfg.data.augment)
+        for s in cfg.data.sources
     ]
     mixture = Mixture(sources, [s.weight for s in cfg.data.sources], cfg.data.temperature, cfg.seed)
     eval_examples = []

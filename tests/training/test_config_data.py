@@ -125,3 +125,33 @@ def test_detection_targets_and_plain_reports(built_dataset):
     assert "<" not in kinds["report"].target
     report = kinds["report"]
     assert report.prompt.endswith("\n\n" + TASK_PROMPTS[("report", report.language)] + " ")
+
+
+@pytest.mark.parametrize("variant", ["detection", "segmentation"])
+def test_refrad2d_folder_source_reads_the_reference_layout(built_dataset, tmp_path, variant):
+    from radgrounder.grounding import codec
+    from radgrounder.labels.export_refrad2d import export_refrad2d
+    from radgrounder.training.data import make_source
+
+    export_refrad2d(built_dataset, tmp_path / "refrad2d")
+    src = make_source(
+        SourceConfig(kind="refrad2d", path=str(tmp_path / "refrad2d")),
+        variant,
+        preset="reference",
+        size=224,
+    )
+    rng = np.random.default_rng(0)
+    grounded = [
+        ex
+        for ex in (src.example(i, rng, "both") for i in range(len(src)))
+        if ex.task == "grounded-report"
+    ]
+    assert grounded
+    for ex in grounded[:10]:
+        assert ex.image.shape == (3, 224, 224)
+        if variant == "detection":
+            decoded = codec("radgrounder-detect").decode(ex.target)
+            assert decoded.spans and decoded.problems == []
+        else:
+            assert ex.target.count("</seg>") == len(ex.masks) > 0
+            assert all(m.shape == (224, 224) and m.any() for m in ex.masks)

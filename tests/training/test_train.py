@@ -95,6 +95,7 @@ def test_segmentation_variant_trains_with_mask_loss(dataset, tmp_path):
             tmp_path / "seg",
             "max_steps=2",
             "model.variant=segmentation",
+            "data.augment=true",
             "save_every=2",
             "eval_every=100",
             "seg_loss_scaling=reference",
