@@ -304,7 +304,9 @@ app.add_typer(model_app, name="model")
 )
 def model_init(
     out: Annotated[Path, typer.Argument(help="Folder for the new model.")],
-    size: Annotated[str, typer.Option(help="tiny (CPU tests) or 3b (real shapes).")] = "tiny",
+    size: Annotated[
+        str, typer.Option(help="tiny (unit tests), small (CPU demos) or 3b (real shapes).")
+    ] = "tiny",
     variant: Annotated[str, typer.Option(help="detection or segmentation.")] = "detection",
     seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
 ) -> None:

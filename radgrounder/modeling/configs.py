@@ -11,7 +11,7 @@ from typing import Any
 
 from radgrounder.errors import RadGrounderError
 
-SIZES = ("tiny", "3b")
+SIZES = ("tiny", "small", "3b")
 VARIANTS = ("detection", "segmentation")
 MASK_THRESHOLDS = ("probability", "logit")
 DETECTION_ARCH = "PaliGemmaForConditionalGeneration"
@@ -43,6 +43,12 @@ _VISION = {
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
     },
+    "small": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    },
 }
 _TEXT = {
     "3b": {
@@ -63,6 +69,16 @@ _TEXT = {
         "num_key_value_heads": 2,
         "head_dim": 16,
         "query_pre_attn_scalar": 16,
+    },
+    # CPU demos that should learn the grounding grammar in minutes; still far below 3b.
+    "small": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "query_pre_attn_scalar": 32,
     },
 }
 

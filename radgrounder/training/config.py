@@ -222,9 +222,9 @@ def _validate(cfg: TrainConfig) -> None:
             "detection or segmentation",
         ),
         (
-            cfg.model.path or cfg.model.init in ("tiny", "3b"),
+            cfg.model.path or cfg.model.init in ("tiny", "small", "3b"),
             "model.init",
-            "tiny or 3b (or set model.path)",
+            "tiny, small or 3b (or set model.path)",
         ),
         (cfg.precision in ("fp32", "bf16"), "precision", "fp32 or bf16"),
         (cfg.seg_loss_scaling in ("mean", "reference"), "seg_loss_scaling", "mean or reference"),

@@ -48,6 +48,7 @@ def overrides(dataset, out, *extra):
         "eval_samples=4",
         "eval_batch_size=4",
         "log_every=1",
+        "model.init=tiny",
         *extra,
     ]
 
