@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from radgrounder.errors import RadGrounderError
 from radgrounder.fileio import atomic_write_bytes
 from radgrounder.grounding import Box, GroundedText, Span
-from radgrounder.labels.regions import group_mask
+from radgrounder.labels.regions import part_ids
 
 SPLITS = ("train", "val", "test")
 
@@ -100,31 +100,38 @@ def spans_to_json(grounded: GroundedText) -> str:
     )
 
 
+def span_from_record(
+    s: dict[str, Any],
+    *,
+    boxes: list[Box] | None = None,
+    pixel_boxes: list[list[int]] | None = None,
+    mask: np.ndarray | None = None,
+) -> Span:
+    """A Span from a stored span record; ``boxes``/``pixel_boxes`` replace the stored ones."""
+    return Span(
+        s["start"],
+        s["end"],
+        s["label"],
+        s["class_id"],
+        s["class_name"],
+        boxes if boxes is not None else [Box(*b) for b in s["boxes"]],
+        mask,
+        {
+            "class_ids": s["class_ids"],
+            "pixel_boxes": pixel_boxes if pixel_boxes is not None else s["pixel_boxes"],
+            "negated": bool(s.get("negated", False)),
+        },
+    )
+
+
 def grounded_from_row(row: dict[str, Any], label_slice: np.ndarray | None = None) -> GroundedText:
     """The sample's target as GroundedText; with the slice's labels, masks are attached."""
     spans = []
     for s in json.loads(row["spans"]):
         mask = None
         if label_slice is not None:
-            mask = group_mask(label_slice, s["class_ids"][0])
-            for cid in s["class_ids"][1:]:
-                mask |= group_mask(label_slice, cid)
-        spans.append(
-            Span(
-                s["start"],
-                s["end"],
-                s["label"],
-                s["class_id"],
-                s["class_name"],
-                [Box(*b) for b in s["boxes"]],
-                mask,
-                {
-                    "class_ids": s["class_ids"],
-                    "pixel_boxes": s["pixel_boxes"],
-                    "negated": s["negated"],
-                },
-            )
-        )
+            mask = np.isin(label_slice, [p for cid in s["class_ids"] for p in part_ids(cid)])
+        spans.append(span_from_record(s, mask=mask))
     return GroundedText(row["text"], spans)
 
 

@@ -202,17 +202,21 @@ def extract_regions(
         yield slice_regions(stack[k], k, instances=instances, min_area=min_area)
 
 
-def group_box(regions: SliceRegions, class_id: int) -> PixelBox | None:
-    """The union box over ``class_id`` and its parts present in the slice, or None."""
-    found = [regions.boxes[c] for c in part_ids(class_id) if c in regions.boxes]
-    if not found:
+def union_pixel_box(boxes: Sequence[PixelBox]) -> PixelBox | None:
+    """The smallest pixel box containing all ``boxes``; None for none."""
+    if not boxes:
         return None
     return (
-        min(b[0] for b in found),
-        min(b[1] for b in found),
-        max(b[2] for b in found),
-        max(b[3] for b in found),
+        min(b[0] for b in boxes),
+        min(b[1] for b in boxes),
+        max(b[2] for b in boxes),
+        max(b[3] for b in boxes),
     )
+
+
+def group_box(regions: SliceRegions, class_id: int) -> PixelBox | None:
+    """The union box over ``class_id`` and its parts present in the slice, or None."""
+    return union_pixel_box([regions.boxes[c] for c in part_ids(class_id) if c in regions.boxes])
 
 
 def group_mask(label_slice: np.ndarray, class_id: int) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 from radgrounder.anatomy import load_schema
 from radgrounder.grounding import Box, GroundedText, Span
 from radgrounder.labels.mentions import Mention
-from radgrounder.labels.regions import SliceRegions, group_box, part_ids
+from radgrounder.labels.regions import SliceRegions, group_box, part_ids, union_pixel_box
 from radgrounder.resources import load_json
 
 _PLACEHOLDER = re.compile(r"\{(organ_name|organ_list_comma_separated|organ_list_bulleted)\}")
@@ -47,15 +47,7 @@ def _span_for(
             b for c in present for p in part_ids(c) for b in regions.instances.get(p, [])
         )
     else:
-        boxes = [group_box(regions, c) for c in present]
-        pixel_boxes = [
-            (
-                min(b[0] for b in boxes),
-                min(b[1] for b in boxes),
-                max(b[2] for b in boxes),
-                max(b[3] for b in boxes),
-            )
-        ]
+        pixel_boxes = [union_pixel_box([group_box(regions, c) for c in present])]
     schema = load_schema()
     first = min(present)
     return Span(

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from radgrounder.grounding import Box, GroundedText, Span
+from radgrounder.grounding import Box, GroundedText
+from radgrounder.labels.dataset import span_from_record
 
 PixelBox = tuple[int, int, int, int]
 
@@ -56,19 +57,10 @@ def augment_slice(
         if not kept:
             continue
         new_spans.append(
-            Span(
-                s["start"],
-                s["end"],
-                s["label"],
-                s["class_id"],
-                s["class_name"],
-                [Box.from_pixels(*b, cw, ch) for b in kept],
-                None,
-                {
-                    "class_ids": s["class_ids"],
-                    "pixel_boxes": [list(b) for b in kept],
-                    "negated": s.get("negated", False),
-                },
+            span_from_record(
+                s,
+                boxes=[Box.from_pixels(*b, cw, ch) for b in kept],
+                pixel_boxes=[list(b) for b in kept],
             )
         )
     return pixels, labels, GroundedText(text, new_spans)

@@ -21,7 +21,7 @@ import numpy as np
 from radgrounder.errors import RadGrounderError
 from radgrounder.grounding import Box
 from radgrounder.imaging import preprocess_slice
-from radgrounder.labels.regions import part_ids
+from radgrounder.labels.regions import part_ids, union_pixel_box
 from radgrounder.prompts import build_prompt
 from radgrounder.training.config import SourceConfig
 from radgrounder.training.data import TASK_PROMPT, Example, _resize_mask
@@ -98,15 +98,7 @@ class RefRad2DSource:
         spans: list[tuple[int, int, str, int]] = []
 
         def union(cid: int) -> tuple | None:
-            found = [boxes[c] for c in part_ids(cid) if c in boxes]
-            if not found:
-                return None
-            return (
-                min(b[0] for b in found),
-                min(b[1] for b in found),
-                max(b[2] for b in found),
-                max(b[3] for b in found),
-            )
+            return union_pixel_box([boxes[c] for c in part_ids(cid) if c in boxes])
 
         for kw, _name, cid in order:
             # As the reference: a keyword is tagged only where its class is in the slice.

@@ -149,8 +149,11 @@ def test_build_with_the_llm_backend(tmp_path):
 
     scans, labels = small_layout(tmp_path, ids=("ct_upper_abdomen",))
     with FakeOpenAIServer() as server:
-        opts = BuildOptions(keyword_backend="llm", vqa=False,
-                            llm={"endpoint": server.url, "model": "m", "backoff": 0.01})
+        opts = BuildOptions(
+            keyword_backend="llm",
+            vqa=False,
+            llm={"endpoint": server.url, "model": "m", "backoff": 0.01},
+        )
         report = build_dataset(scans, labels, REPORTS, tmp_path / "out", opts, progress=False)
         assert server.count() > 0
     assert report.done == ["ct_upper_abdomen"]
@@ -230,9 +233,32 @@ def test_ray_executor_gives_identical_output(built, tmp_path):
     root, _ = built
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        report = build_dataset(root / "scans", root / "labels", REPORTS, tmp_path / "ray",
-                               BuildOptions(executor="ray"), progress=False)
+        report = build_dataset(
+            root / "scans",
+            root / "labels",
+            REPORTS,
+            tmp_path / "ray",
+            BuildOptions(executor="ray"),
+            progress=False,
+        )
     finally:
         ray.shutdown()
     assert sorted(report.done) == sorted(SMALL)
     assert tree_bytes(tmp_path / "ray") == tree_bytes(root / "out")
+
+
+def test_grounded_from_row_rebuilds_the_target_with_masks(built):
+    from radgrounder.grounding import codec
+    from radgrounder.labels.dataset import grounded_from_row
+
+    root, _ = built
+    ds = GroundedDataset(root / "out")
+    sample = next(ds.samples(task="grounded-report", language="en"))
+    labels = decode_labels(ds.slice_row(sample["split"], sample["scan_id"], sample["slice_index"]))
+    gt = grounded_from_row(sample, labels)
+    assert codec("radgrounder-detect").encode(gt) == sample["target_detect"]
+    for span in gt.spans:
+        expected = np.zeros_like(labels, dtype=bool)
+        for cid in span.meta["class_ids"]:
+            expected |= group_mask(labels, cid)
+        assert np.array_equal(span.mask, expected)
