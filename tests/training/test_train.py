@@ -165,7 +165,7 @@ def test_siglip_checkpoint_mapping_loads_strictly(tmp_path):
         assert torch.allclose(v, reference[k] + 1), k
 
 
-def test_lora_trains_adapters_and_merges_into_the_final_model(dataset, tmp_path):
+def test_lora_with_bf16_autocast_trains_adapters_and_merges_into_the_final_model(dataset, tmp_path):
     cfg = load_config(
         TINY,
         overrides(
@@ -174,6 +174,7 @@ def test_lora_trains_adapters_and_merges_into_the_final_model(dataset, tmp_path)
             "max_steps=2",
             "model.lora.enabled=true",
             "model.lora.r=4",
+            "precision=bf16",
             "save_every=2",
             "eval_every=100",
         ),
