@@ -175,6 +175,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = None
         request = Request(time.monotonic(), self.path, dict(self.headers), body)
         fault = self.fake._begin(request)
+        self._ended = False
         try:
             time.sleep(self.fake.latency)
             if self.path != "/v1/chat/completions":
@@ -186,6 +187,13 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass  # the client gave up (timeout) before the answer
         finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        # Leave the in-flight count before the client can see the answer, or its next request
+        # could arrive first and be counted on top of this one.
+        if not self._ended:
+            self._ended = True
             self.fake._end()
 
     def _answer(self, sentence: str, fault: Fault | None) -> None:
@@ -240,6 +248,7 @@ class _Handler(BaseHTTPRequestHandler):
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
+        self._finish()
         self.wfile.write(data)
 
 
