@@ -192,12 +192,27 @@ def evaluate(
     }
 
 
+def _reset_single_process_state() -> None:
+    """Let one Python process run several trainings with different precision settings.
+
+    accelerate keeps its state in a process-wide singleton; a launched (distributed) run
+    keeps it, a plain single process starts clean each time.
+    """
+    import os
+
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Run (or resume) the training described by ``cfg``."""
     from accelerate import Accelerator
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     out = Path(cfg.output_dir)
+    _reset_single_process_state()
     accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no")
     main = accelerator.is_main_process
     if accelerator.device.type == "cpu":
