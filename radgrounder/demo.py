@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from radgrounder.anatomy import load_schema, totalseg_to_unified
+from radgrounder.anatomy import load_schema
 from radgrounder.errors import RadGrounderError
 from radgrounder.fileio import atomic_write_bytes
 from radgrounder.grounding import Box, GroundedText, boxes_from_label_slice, codec
 from radgrounder.imaging import display_image, inspect_scan, load_scan, read_label_map
+from radgrounder.labels.regions import unify_label_volume
 from radgrounder.prompts import build_prompt
 from radgrounder.visualize import render_overlay
 
@@ -54,15 +55,9 @@ def ground_slice(scan_path: Path, label_path: Path, index: int | None = None) ->
             f"label map shape {labels.shape} does not match the scan's {volume.shape}",
             path=label_path,
         )
-    mapping = totalseg_to_unified(
-        "total_mr" if volume.modality == "MR" else "total",
-        label_names=labels.metadata.get("label_names"),
+    unified_vol = unify_label_volume(
+        labels, label_task="total_mr" if volume.modality == "MR" else "total"
     )
-    lut = np.zeros(int(labels.data.max()) + 1, dtype=np.int32)
-    for ts_id, unified in mapping.items():
-        if ts_id < lut.size:
-            lut[ts_id] = unified
-    unified_vol = lut[labels.data]
     if index is None:
         index = int(np.argmax((unified_vol > 0).reshape(unified_vol.shape[0], -1).sum(1)))
     label_slice = unified_vol[index]

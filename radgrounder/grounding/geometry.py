@@ -38,7 +38,7 @@ def boxes_from_label_slice(labels: np.ndarray) -> dict[int, tuple[int, int, int,
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"expected a 2D label slice, got shape {labels.shape}")
-    ids = labels.astype(np.int64)
+    ids = labels.astype(np.int32, copy=False)
     boxes = {}
     for idx, sl in enumerate(ndimage.find_objects(ids), start=1):
         if sl is not None:

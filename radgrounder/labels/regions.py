@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from radgrounder.anatomy import load_schema, totalseg_to_unified
 from radgrounder.errors import RadGrounderError
+from radgrounder.grounding import boxes_from_label_slice
 from radgrounder.imaging import Volume
 
 PixelBox = tuple[int, int, int, int]
@@ -176,13 +177,8 @@ def slice_regions(
     if s.ndim != 2:
         raise RadGrounderError(f"label slice must be 2D, got shape {s.shape}")
     areas_all = np.bincount(s.ravel().astype(np.int64), minlength=1)
-    boxes: dict[int, PixelBox] = {}
-    areas: dict[int, int] = {}
-    for cid, sl in enumerate(ndimage.find_objects(s.astype(np.int32, copy=False)), start=1):
-        if sl is not None:
-            rows, cols = sl
-            boxes[cid] = (cols.start, rows.start, cols.stop, rows.stop)
-            areas[cid] = int(areas_all[cid])
+    boxes = boxes_from_label_slice(s)
+    areas = {cid: int(areas_all[cid]) for cid in boxes}
     inst = _instances(s, min_area) if instances and boxes else {}
     return SliceRegions(index, (int(s.shape[0]), int(s.shape[1])), areas, boxes, inst)
 

@@ -219,7 +219,7 @@ def _segment_one(job: _Job) -> str | None:
             "finished": _now(),
             "seconds": round(time.monotonic() - t0, 3),
         }
-        write_json_atomic(job.marker_path, record)
+        atomic_write_json(job.marker_path, record)
         return None
     except Exception as exc:  # a per-scan failure must never stop the batch
         return _describe(exc)
@@ -236,11 +236,6 @@ def _check_label_map(path: Path, scan: ScanInput) -> None:
         ) from exc
     if len(shape) < 3 or 0 in shape:
         raise RadGrounderError(f"the segmenter wrote a label map of shape {shape}", path=scan.path)
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON through a temp file in the same folder + ``os.replace``: never half-written."""
-    atomic_write_json(path, data)
 
 
 def _describe(exc: BaseException) -> str:
@@ -433,5 +428,5 @@ def run_segmentation(
             for rel, err in sorted(failed.items())
         ],
     }
-    write_json_atomic(report_path, report)
+    atomic_write_json(report_path, report)
     return SegmentReport(sorted(done), skipped, dict(sorted(failed.items())), report_path)
