@@ -338,6 +338,158 @@ def train(
     typer.echo(f"{msg}; final model -> {result.final_dir}")
 
 
+_EVAL_EXAMPLE = (
+    "radgrounder eval --model runs/tiny-cpu/final --dataset built "
+    "--data-root runs/datasets/totalseg_example --split test --out runs/eval-tiny"
+)
+
+
+@app.command("eval", epilog=_example(_EVAL_EXAMPLE))
+def eval_cmd(
+    model: Annotated[str, typer.Option(help="Checkpoint folder (or hub id in the local cache).")],
+    dataset: Annotated[
+        str, typer.Option(help="slake, vqa-rad, vqa-rad-official, built or refrad2d.")
+    ],
+    data_root: Annotated[Path, typer.Option(help="The dataset's folder.")],
+    out: Annotated[Path, typer.Option(help="Run folder (resumed if it holds this run).")],
+    split: Annotated[str, typer.Option(help="train, val or test (test means test).")] = "test",
+    images: Annotated[
+        Path | None, typer.Option(help="VQA-RAD image folder (default DATA_ROOT/images).")
+    ] = None,
+    task: Annotated[
+        list[str] | None, typer.Option(help="Built datasets: task(s) to evaluate (repeat).")
+    ] = None,
+    language: Annotated[
+        list[str] | None, typer.Option(help="Built/RefRad2D: language(s), en and/or de.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per generation batch.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation length limit.")] = 200,
+    compat: Annotated[
+        str, typer.Option(help="none, or reference: the reference's split/threshold choices.")
+    ] = "none",
+    matcher: Annotated[
+        str,
+        typer.Option(help="Keyword similarity for G-IoU: exact, lexical or an encoder folder."),
+    ] = "lexical",
+    embedding_model: Annotated[
+        Path | None, typer.Option(help="Local sentence-encoder folder: adds a similarity score.")
+    ] = None,
+    meteor: Annotated[str, typer.Option(help="auto (when WordNet is installed), on, off.")] = (
+        "auto"
+    ),
+    judge_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible server for the LLM judge.")
+    ] = None,
+    judge_model: Annotated[str | None, typer.Option(help="Judge model name.")] = None,
+    judge_concurrency: Annotated[int, typer.Option(help="Parallel judge requests.")] = 8,
+    mask_threshold: Annotated[
+        str | None, typer.Option(help="probability or logit (default: the checkpoint's).")
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Normalisation preset (default: the checkpoint's).")
+    ] = None,
+    prefix_style: Annotated[
+        str, typer.Option(help="Clinical context in report prompts: both, none, ...")
+    ] = "both",
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 10_000,
+    seed: Annotated[int, typer.Option(help="Bootstrap and sampling seed.")] = 0,
+    examples: Annotated[int, typer.Option(help="Example overlays to draw.")] = 8,
+    limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Score a model on a dataset split: samples.parquet/csv, summary.json (bootstrap CIs)
+    and report.html in --out. Exit code 3 when some samples failed (listed at the end)."""
+    import os
+
+    from radgrounder.evaluation.datasets import open_dataset
+    from radgrounder.evaluation.runner import EvalOptions, evaluate
+    from radgrounder.modeling import load_model
+
+    if meteor not in ("auto", "on", "off"):
+        raise RadGrounderError(f"--meteor: expected auto, on or off, got {meteor!r}")
+    if (judge_url is None) != (judge_model is None):
+        raise RadGrounderError("--judge-url and --judge-model go together")
+    judge = None
+    if judge_url:
+        from radgrounder.evaluation.judge import LLMJudge
+
+        judge = LLMJudge(
+            judge_url,
+            judge_model,
+            api_key=os.environ.get("RADGROUNDER_JUDGE_API_KEY"),
+            concurrency=judge_concurrency,
+        )
+    loaded = load_model(model, device=device, dtype=dtype)
+    ds = open_dataset(
+        dataset,
+        data_root,
+        split=split,
+        variant=loaded.variant,
+        preset=preset or loaded.config.radgrounder.get("normalization", "reference"),
+        images=images,
+        tasks=task or None,
+        languages=language or None,
+        compat=compat,
+        prefix_style=prefix_style,
+        seed=seed,
+    )
+    opts = EvalOptions(
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        mask_threshold=mask_threshold,
+        compat=compat,
+        matcher=matcher,
+        embedding_model=str(embedding_model) if embedding_model else None,
+        meteor=None if meteor == "auto" else meteor == "on",
+        n_resamples=bootstrap,
+        seed=seed,
+        n_examples=examples,
+        limit=limit,
+        progress=not quiet,
+        judge=judge,
+    )
+    run = evaluate(loaded, ds, out, opts)
+    table = run.summary["metrics"].get("all", {})
+    typer.echo(f"{ds.name}/{ds.split}: {run.n} samples scored")
+    for name, v in table.items():
+        typer.echo(f"  {name:<30} {v['mean']:.4f}  [{v['low']:.4f}, {v['high']:.4f}]  n={v['n']}")
+    typer.echo(f"report -> {run.out / 'report.html'}")
+    if run.failures:
+        typer.echo(f"{len(run.failures)} sample(s) failed:", err=True)
+        for f in run.failures:
+            typer.echo(f"  {f['id']}: {f['error']}", err=True)
+        raise typer.Exit(3)
+
+
+@app.command(epilog=_example("radgrounder compare runs/eval-a runs/eval-b --out compare.json"))
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="First evaluation run folder.")],
+    run_b: Annotated[Path, typer.Argument(help="Second run folder (same dataset and split).")],
+    out: Annotated[Path | None, typer.Option(help="Also write the result as JSON.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 10_000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """Paired differences A - B per metric on the shared samples, with a paired bootstrap
+    95% CI and p-value."""
+    from radgrounder.evaluation.compare import compare_runs
+    from radgrounder.fileio import atomic_write_json
+
+    result = compare_runs(run_a, run_b, n_resamples=bootstrap, seed=seed)
+    typer.echo(f"{result['n_shared']} shared samples; A = {run_a}, B = {run_b}")
+    for subset, metrics in result["metrics"].items():
+        typer.echo(f"[{subset}]")
+        for name, v in metrics.items():
+            typer.echo(
+                f"  {name:<30} A {v['a']:.4f}  B {v['b']:.4f}  A-B {v['diff']:+.4f} "
+                f"[{v['low']:+.4f}, {v['high']:+.4f}]  p={v['p_value']:.4f}"
+            )
+    if out:
+        atomic_write_json(out, result)
+        typer.echo(f"-> {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: bad input becomes one line on stderr and exit code 1."""
     try:

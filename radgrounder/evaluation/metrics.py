@@ -20,6 +20,7 @@ from radgrounder.evaluation.metrics_grounding import (
     mask_dice,
     mask_iou,
 )
+from radgrounder.evaluation.metrics_meteor import meteor
 from radgrounder.evaluation.metrics_text import (
     bleu,
     cider,
@@ -43,6 +44,7 @@ __all__ = [
     "map50",
     "mask_dice",
     "mask_iou",
+    "meteor",
     "recall",
     "rouge_l",
     "simple_preprocess",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -148,12 +149,14 @@ def _similarity_fn(matcher: str | Callable[[str, str], float]) -> Callable[[str,
 
 
 def grounding_iou(
-    pred_pairs: Sequence[tuple[str, Box]],
-    ref_pairs: Sequence[tuple[str, Box]],
+    pred_pairs: Sequence[tuple[str, Any]],
+    ref_pairs: Sequence[tuple[str, Any]],
     matcher: str | Callable[[str, str], float] = "exact",
     *,
     denominator: str = "max",
-) -> dict[str, float | int]:
+    overlap: Callable[[Any, Any], float] = box_iou,
+    clamp: bool = False,
+) -> dict[str, Any]:
     """Grounding IoU of one sample: keywords matched by text similarity only, scored by
     box IoU x similarity (spec §7.5).
 
@@ -169,8 +172,12 @@ def grounding_iou(
     ``denominator="matched"`` (segmentation evaluator): pairs with similarity <= 0 do not
     count as matched; G-IoU = sum IoU * sim / n_matched; 1.0 if both sides are empty, 0.0
     if exactly one is (or nothing matched).
-    Returns ``grounding_iou``, ``mean_iou`` and ``mean_similarity`` over the pairs, and
-    ``n_matched``.
+    ``overlap`` scores a (prediction region, reference region) pair: :func:`box_iou` on
+    :class:`Box` regions by default, e.g. :func:`mask_iou` for masks (the segmentation
+    evaluator). ``clamp=True`` clips similarities to [0, 1] before matching (the segmentation
+    evaluator does; the detection evaluator does not).
+    Returns ``grounding_iou``, ``mean_iou`` and ``mean_similarity`` over the pairs,
+    ``n_matched`` and ``pairs``: ``(ref_index, pred_index, iou, similarity)`` per pair.
     """
     if denominator not in ("max", "matched"):
         raise RadGrounderError(
@@ -178,12 +185,20 @@ def grounding_iou(
         )
     sim_fn = _similarity_fn(matcher)
     n_ref, n_pred = len(ref_pairs), len(pred_pairs)
-    empty = {"grounding_iou": 0.0, "mean_iou": 0.0, "mean_similarity": 0.0, "n_matched": 0}
+    empty: dict[str, Any] = {
+        "grounding_iou": 0.0,
+        "mean_iou": 0.0,
+        "mean_similarity": 0.0,
+        "n_matched": 0,
+        "pairs": [],
+    }
     if n_ref == 0 or n_pred == 0:
         if denominator == "matched" and n_ref == 0 and n_pred == 0:
             return {**empty, "grounding_iou": 1.0}
         return empty
     sim = np.array([[sim_fn(p[0], r[0]) for p in pred_pairs] for r in ref_pairs], dtype=float)
+    if clamp:
+        sim = np.clip(sim, 0.0, 1.0)
     work = sim.copy()
     pairs: list[tuple[int, int]] = []
     for _ in range(min(n_ref, n_pred)):
@@ -195,7 +210,7 @@ def grounding_iou(
         work[:, pi] = -np.inf
     if not pairs:
         return empty
-    ious = np.array([box_iou(pred_pairs[p][1], ref_pairs[r][1]) for r, p in pairs])
+    ious = np.array([overlap(pred_pairs[p][1], ref_pairs[r][1]) for r, p in pairs])
     sims = np.array([sim[r, p] for r, p in pairs])
     total = float(np.sum(ious * sims))
     denom = max(n_ref, n_pred) if denominator == "max" else len(pairs)
@@ -204,4 +219,7 @@ def grounding_iou(
         "mean_iou": float(ious.mean()),
         "mean_similarity": float(sims.mean()),
         "n_matched": len(pairs),
+        "pairs": [
+            (r, p, float(i), float(s)) for (r, p), i, s in zip(pairs, ious, sims, strict=True)
+        ],
     }

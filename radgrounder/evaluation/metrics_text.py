@@ -1,8 +1,9 @@
 """Text metrics (spec §7.2): token F1, exact match, recall, CIDEr-D, BLEU and ROUGE-L.
 
-All functions are pure Python/numpy; they reproduce the reference implementations
-(SQuAD ``compute_f1``, OVQA "SIMPLE" preprocessing, pycocoevalcap 1.2 ``Cider``, ``Bleu``
-and ``Rouge``) without depending on them.
+All are pure Python/numpy; they reproduce the reference implementations (SQuAD
+``compute_f1``, OVQA "SIMPLE" preprocessing, pycocoevalcap 1.2 ``Cider``, ``Bleu`` and
+``Rouge``) without depending on them. METEOR lives in
+:mod:`radgrounder.evaluation.metrics_meteor`.
 """
 
 from __future__ import annotations

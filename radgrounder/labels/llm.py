@@ -7,26 +7,28 @@ does not contain verbatim is rejected, and negation comes from the lexical
 
 from __future__ import annotations
 
-import http.client
-import ipaddress
 import json
-import math
 import os
-import random
 import threading
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
 from radgrounder.anatomy import load_schema
+from radgrounder.chat_client import (
+    ChatClient,
+    FatalError,
+    RetryableError,
+    backoff_delay,
+    check_number,
+    excerpt,
+    progress_bar,
+    reply_content,
+    strip_fence,
+)
+from radgrounder.chat_client import retry_after as _retry_after  # noqa: F401 (kept importable)
 from radgrounder.errors import RadGrounderError
 from radgrounder.labels.checkpoint import CheckpointWriter, read_checkpoint
 from radgrounder.labels.llm_prompt import check_language as _check_language
@@ -46,18 +48,6 @@ class KeywordRun:
     n_retries: int = 0
     n_rejected: int = 0
     n_resumed: int = 0
-
-
-class _Retry(Exception):
-    """An attempt worth repeating; ``wait`` (from Retry-After) replaces the backoff delay."""
-
-    def __init__(self, reason: str, wait: float | None = None) -> None:
-        super().__init__(reason)
-        self.wait = wait
-
-
-class _Fatal(Exception):
-    """An attempt that repeating cannot fix (bad request, auth, wrong URL)."""
 
 
 @dataclass
@@ -91,28 +81,21 @@ class LLMExtractor:
         checkpoint: str | Path | None = None,
         use_json_schema: bool = True,
     ) -> None:
-        self.url = _check_endpoint(endpoint) + "/chat/completions"
+        self._client = ChatClient(endpoint, api_key=api_key, timeout=timeout)
+        self.url = self._client.url
         if not isinstance(model, str) or not model.strip():
             raise RadGrounderError(f"model: expected a non-empty name, got {model!r}")
         self.model = model
-        _check_number("concurrency", concurrency, 1, integer=True)
-        _check_number("max_retries", max_retries, 0, integer=True)
-        _check_number("timeout", timeout, 0, exclusive=True)
+        check_number("concurrency", concurrency, 1, integer=True)
+        check_number("max_retries", max_retries, 0, integer=True)
         for name, value in (("backoff", backoff), ("max_backoff", max_backoff)):
-            _check_number(name, value, 0)
-        _check_number("temperature", temperature, 0)
+            check_number(name, value, 0)
+        check_number("temperature", temperature, 0)
         self.concurrency, self.max_retries = concurrency, max_retries
         self.timeout, self.backoff, self.max_backoff = timeout, backoff, max_backoff
         self.temperature = temperature
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.use_json_schema = use_json_schema
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
-        host = urllib.parse.urlsplit(self.url).hostname or ""
-        # Environment proxies must not capture a server on this machine.
-        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(host) else []
-        self._opener = urllib.request.build_opener(*handlers)
         self._categories = frozenset(load_schema().names)
 
     def extract(self, sentence: str, language: str) -> list[Mention]:
@@ -140,7 +123,7 @@ class LLMExtractor:
         pending = [item for item in todo if item[0] not in run.results]
         writer = CheckpointWriter(self.checkpoint) if self.checkpoint is not None else None
         try:
-            with _progress_bar(progress, len(todo), run.n_resumed) as advance:
+            with progress_bar(progress, len(todo), run.n_resumed, "keywords") as advance:
                 self._run_pending(pending, run, writer, advance)
         finally:
             if writer is not None:
@@ -196,13 +179,13 @@ class LLMExtractor:
         reason = ""
         for attempt in range(self.max_retries + 1):
             try:
-                content, finish = _reply_content(self._post(body))
+                content, finish = reply_content(self._client.post(body))
                 entries = _parse_entries(content, finish, self._categories)
                 mentions, rejected = _locate(sentence, language, entries)
                 return _Outcome(sentence_id, mentions, rejected, "", attempt + 1, attempt)
-            except _Fatal as exc:
+            except FatalError as exc:
                 return _Outcome(sentence_id, None, [], str(exc), attempt + 1, attempt)
-            except _Retry as exc:
+            except RetryableError as exc:
                 reason = str(exc)
                 if attempt < self.max_retries and stop.wait(self._delay(attempt, exc.wait)):
                     reason = f"cancelled: {reason}"
@@ -228,102 +211,29 @@ class LLMExtractor:
         }
 
     def _delay(self, attempt: int, wait: float | None) -> float:
-        if wait is not None:
-            return min(wait, self.max_backoff)
-        # Jitter keeps many workers that failed together from retrying in lockstep.
-        base = min(self.max_backoff, self.backoff * 2.0**attempt)
-        return base * random.uniform(0.5, 1.0)
-
-    def _post(self, body: bytes) -> Any:
-        request = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
-        try:
-            with self._opener.open(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as exc:
-            raise _http_error(exc) from None
-        except TimeoutError:
-            raise _Retry(f"request timed out after {self.timeout:g} s") from None
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, TimeoutError):
-                raise _Retry(f"request timed out after {self.timeout:g} s") from None
-            raise _Retry(f"connection error: {exc.reason}") from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise _Retry(f"connection error: {type(exc).__name__}: {exc}") from None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise _Retry(f"response body is not JSON: {_excerpt(raw)!r}") from None
-
-
-def _http_error(exc: urllib.error.HTTPError) -> Exception:
-    try:
-        text = _excerpt(exc.read(2000))
-    except (OSError, http.client.HTTPException):
-        text = ""
-    finally:
-        exc.close()
-    reason = f"HTTP {exc.code}: {text}" if text else f"HTTP {exc.code}"
-    if exc.code == 429:
-        return _Retry(reason, _retry_after(exc.headers.get("Retry-After")))
-    if exc.code >= 500 or exc.code in (408, 409, 425):
-        return _Retry(reason)
-    return _Fatal(reason)
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return max(0.0, seconds) if math.isfinite(seconds) else None
-
-
-def _excerpt(raw: bytes | str, limit: int = 200) -> str:
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _reply_content(reply: Any) -> tuple[str, Any]:
-    choices = reply.get("choices") if isinstance(reply, dict) else None
-    if not isinstance(choices, list) or not choices:
-        raise _Retry(f"reply has no choices: {_excerpt(json.dumps(reply))!r}")
-    first = choices[0] if isinstance(choices[0], dict) else {}
-    message = first.get("message")
-    content = message.get("content") if isinstance(message, dict) else None
-    if not isinstance(content, str) or not content.strip():
-        raise _Retry("reply has no message content")
-    return content, first.get("finish_reason")
+        return backoff_delay(attempt, wait, self.backoff, self.max_backoff)
 
 
 def _parse_entries(content: str, finish: Any, categories: frozenset[str]) -> list[tuple[str, str]]:
-    text = content.strip()
-    # Servers without constrained decoding often wrap the JSON in a Markdown fence.
-    if text.startswith("```") and text.endswith("```") and len(text) >= 6:
-        text = text[3:-3].removeprefix("json").strip()
+    text = strip_fence(content)
     try:
         data = json.loads(text)
     except ValueError as exc:
         cut = " (cut off: finish_reason=length)" if finish == "length" else ""
-        raise _Retry(f"reply is not valid JSON{cut}: {exc} in {_excerpt(text)!r}") from None
+        raise RetryableError(f"reply is not valid JSON{cut}: {exc} in {excerpt(text)!r}") from None
     if not isinstance(data, dict) or not isinstance(data.get("mentions"), list):
-        raise _Retry(f'reply violates the schema: no "mentions" list in {_excerpt(text)!r}')
+        raise RetryableError(f'reply violates the schema: no "mentions" list in {excerpt(text)!r}')
     entries = []
     for i, item in enumerate(data["mentions"]):
         keyword = item.get("keyword") if isinstance(item, dict) else None
         category = item.get("category") if isinstance(item, dict) else None
         if not isinstance(keyword, str) or not isinstance(category, str):
-            raise _Retry(
+            raise RetryableError(
                 f'reply violates the schema: mentions[{i}] needs string "keyword" and '
-                f'"category", got {_excerpt(json.dumps(item))!r}'
+                f'"category", got {excerpt(json.dumps(item))!r}'
             )
         if category not in categories:
-            raise _Retry(f"reply violates the schema: unknown category {category!r}")
+            raise RetryableError(f"reply violates the schema: unknown category {category!r}")
         entries.append((keyword, category))
     return entries
 
@@ -391,32 +301,6 @@ def _whole_word(sentence: str, start: int, end: int) -> bool:
     return not before.isalnum() and not after.isalnum()
 
 
-def _check_endpoint(endpoint: object) -> str:
-    if not isinstance(endpoint, str):
-        raise RadGrounderError(f"endpoint: expected a URL string, got {endpoint!r}")
-    parts = urllib.parse.urlsplit(endpoint.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RadGrounderError(
-            f"endpoint: {endpoint!r} is not an http(s) URL with a host "
-            "(expected e.g. http://127.0.0.1:8000/v1)"
-        )
-    if parts.query or parts.fragment:
-        raise RadGrounderError(f"endpoint: {endpoint!r} must not have a query or fragment")
-    base = endpoint.strip().rstrip("/")
-    return base.removesuffix("/chat/completions")
-
-
-def _check_number(
-    name: str, value: object, low: float, *, integer: bool = False, exclusive: bool = False
-) -> None:
-    kinds = (int,) if integer else (int, float)
-    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (exclusive and value == low):
-        bound = f"> {low:g}" if exclusive else f">= {low:g}"
-        kind = "an integer" if integer else "a number"
-        raise RadGrounderError(f"{name}: expected {kind} {bound}, got {value!r}")
-
-
 def _check_items(items: Iterable[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
     checked: list[tuple[str, str, str]] = []
     seen: set[str] = set()
@@ -434,15 +318,6 @@ def _check_items(items: Iterable[tuple[str, str, str]]) -> list[tuple[str, str, 
         seen.add(sid)
         checked.append((sid, sentence, language))
     return checked
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _resume(path: Path, todo: list[tuple[str, str, str]], run: KeywordRun) -> None:
@@ -471,15 +346,3 @@ def _resume(path: Path, todo: list[tuple[str, str, str]], run: KeywordRun) -> No
             run.rejected[sid] = rejected
             run.n_rejected += len(rejected)
         run.n_resumed += 1
-
-
-@contextmanager
-def _progress_bar(enabled: bool, total: int, done: int) -> Iterator[Callable[[], None]]:
-    from rich.console import Console
-    from rich.progress import Progress
-
-    console = Console(stderr=True)
-    bar = Progress(console=console, disable=not (enabled and console.is_terminal))
-    task = bar.add_task("keywords", total=total, completed=done)
-    with bar:
-        yield lambda: bar.advance(task)

@@ -223,8 +223,9 @@ class SlakeSource(_VQASource):
                 "question": r["question"],
                 "answer": r["answer"],
                 "question_type": str(r.get("answer_type", "")).strip().lower(),
+                "qid": r.get("qid", n),
             }
-            for r in raw
+            for n, r in enumerate(raw)
             if r.get("q_lang", "en") == "en"
         ]
         super().__init__(items, root / "imgs", preset=preset, size=size)

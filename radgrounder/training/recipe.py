@@ -208,6 +208,13 @@ def _reset_single_process_state() -> None:
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Run (or resume) the training described by ``cfg``."""
+    from radgrounder.modeling.generation import flush_denormals
+
+    with flush_denormals():
+        return _train(cfg, progress=progress)
+
+
+def _train(cfg: TrainConfig, *, progress: bool) -> TrainResult:
     from accelerate import Accelerator
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -215,9 +222,6 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     _reset_single_process_state()
     accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no")
     main = accelerator.is_main_process
-    if accelerator.device.type == "cpu":
-        # Small random weights produce denormal floats, which are ~100x slower on x86 CPUs.
-        torch.set_flush_denormal(True)
     _set_seed(cfg.seed)
     ensure_dataset(cfg)
     model, tokenizer = build_model(cfg, out)

@@ -1,0 +1,226 @@
+"""A minimal client for OpenAI-compatible chat-completions servers (vLLM, Ollama, llama.cpp).
+
+:class:`ChatClient` sends one request and sorts what can go wrong into :class:`RetryableError`
+(timeouts, dropped connections, HTTP 5xx/408/409/425/429, a body that is not JSON) and
+:class:`FatalError` (other HTTP errors, which repeating cannot fix). The retry loop, and what
+counts as a usable answer, belong to the callers (:mod:`radgrounder.labels.llm`,
+:mod:`radgrounder.evaluation.judge`); the helpers here are what they share.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import math
+import random
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from radgrounder.errors import RadGrounderError
+
+
+class RetryableError(Exception):
+    """An attempt worth repeating; ``wait`` (from a Retry-After header, as servers send with 429
+    and 503) replaces the backoff delay."""
+
+    def __init__(self, reason: str, wait: float | None = None) -> None:
+        super().__init__(reason)
+        self.wait = wait
+
+
+class FatalError(Exception):
+    """An attempt that repeating cannot fix (bad request, auth, wrong URL); ``status`` is the
+    HTTP status code."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class ChatClient:
+    """Posts chat-completions requests to ``{endpoint}/chat/completions``.
+
+    ``endpoint`` is the server's base URL, e.g. ``http://127.0.0.1:8000/v1``; a trailing
+    ``/chat/completions`` is accepted too. ``field`` names the argument in error messages.
+    Servers on this machine are reached directly, never through environment proxies.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        field: str = "endpoint",
+    ) -> None:
+        self.url = check_endpoint(endpoint, field) + "/chat/completions"
+        check_number("timeout", timeout, 0, exclusive=True)
+        if api_key is not None and not isinstance(api_key, str):
+            raise RadGrounderError(f"api_key: expected a string, got {type(api_key).__name__}")
+        self.timeout = timeout
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        host = urllib.parse.urlsplit(self.url).hostname or ""
+        handlers = [urllib.request.ProxyHandler({})] if is_loopback(host) else []
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def post(self, body: bytes) -> Any:
+        """One POST of the JSON ``body``; returns the decoded JSON reply.
+
+        Raises :class:`RetryableError` or :class:`FatalError` with a one-line reason.
+        """
+        request = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
+        timed_out = f"request timed out after {self.timeout:g} s"
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            raise http_error(exc) from None
+        except TimeoutError:
+            raise RetryableError(timed_out) from None
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, TimeoutError):
+                raise RetryableError(timed_out) from None
+            raise RetryableError(f"connection error: {exc.reason}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise RetryableError(f"connection error: {type(exc).__name__}: {exc}") from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise RetryableError(f"response body is not JSON: {excerpt(raw)!r}") from None
+
+
+def http_error(exc: urllib.error.HTTPError) -> RetryableError | FatalError:
+    """Classify an HTTP error response, keeping an excerpt of its body in the reason."""
+    try:
+        text = excerpt(exc.read(2000))
+    except (OSError, http.client.HTTPException):
+        text = ""
+    finally:
+        exc.close()
+    reason = f"HTTP {exc.code}: {text}" if text else f"HTTP {exc.code}"
+    if exc.code >= 500 or exc.code in (408, 409, 425, 429):
+        return RetryableError(reason, retry_after(exc.headers.get("Retry-After")))
+    return FatalError(reason, exc.code)
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date); None if unusable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def backoff_delay(attempt: int, wait: float | None, backoff: float, max_backoff: float) -> float:
+    """Seconds to sleep before retry number ``attempt + 1``: the server's ``wait`` if it gave
+    one, else exponential backoff with jitter; never more than ``max_backoff``."""
+    if wait is not None:
+        return min(wait, max_backoff)
+    # Jitter keeps many workers that failed together from retrying in lockstep.
+    base = min(max_backoff, backoff * 2.0**attempt)
+    return base * random.uniform(0.5, 1.0)
+
+
+def excerpt(raw: bytes | str, limit: int = 200) -> str:
+    """The text on one line, cut to ``limit`` characters, for error messages."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def reply_content(reply: Any, *, allow_empty: bool = False) -> tuple[str, Any]:
+    """``(content, finish_reason)`` of the first choice of a chat-completions reply.
+
+    A reply without choices raises :class:`RetryableError`; so does a blank content unless
+    ``allow_empty`` (then it comes back as ``""``).
+    """
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not isinstance(choices, list) or not choices:
+        raise RetryableError(f"reply has no choices: {excerpt(json.dumps(reply))!r}")
+    first = choices[0] if isinstance(choices[0], dict) else {}
+    message = first.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str) or not content.strip():
+        if not allow_empty:
+            raise RetryableError("reply has no message content")
+        content = content if isinstance(content, str) else ""
+    return content, first.get("finish_reason")
+
+
+def strip_fence(content: str) -> str:
+    """The content without surrounding whitespace and a Markdown code fence (```json … ```),
+    which servers without constrained decoding often put around JSON."""
+    text = content.strip()
+    if text.startswith("```") and text.endswith("```") and len(text) >= 6:
+        text = text[3:-3].removeprefix("json").strip()
+    return text
+
+
+def check_endpoint(endpoint: object, field: str = "endpoint") -> str:
+    """The base URL without a trailing slash or ``/chat/completions``; raises
+    RadGrounderError (naming ``field``) for anything but an http(s) URL with a host."""
+    if not isinstance(endpoint, str):
+        raise RadGrounderError(f"{field}: expected a URL string, got {endpoint!r}")
+    parts = urllib.parse.urlsplit(endpoint.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RadGrounderError(
+            f"{field}: {endpoint!r} is not an http(s) URL with a host "
+            "(expected e.g. http://127.0.0.1:8000/v1)"
+        )
+    if parts.query or parts.fragment:
+        raise RadGrounderError(f"{field}: {endpoint!r} must not have a query or fragment")
+    base = endpoint.strip().rstrip("/")
+    return base.removesuffix("/chat/completions")
+
+
+def check_number(
+    name: str, value: object, low: float, *, integer: bool = False, exclusive: bool = False
+) -> None:
+    """Raise RadGrounderError unless ``value`` is a finite number (an int if ``integer``,
+    never a bool) that is >= ``low`` (> ``low`` if ``exclusive``)."""
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (exclusive and value == low):
+        bound = f"> {low:g}" if exclusive else f">= {low:g}"
+        kind = "an integer" if integer else "a number"
+        raise RadGrounderError(f"{name}: expected {kind} {bound}, got {value!r}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine (``localhost`` or a loopback address)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextmanager
+def progress_bar(
+    enabled: bool, total: int, done: int = 0, label: str = ""
+) -> Iterator[Callable[[], None]]:
+    """A progress bar on stderr (only when it is a terminal); yields ``advance()``."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    bar = Progress(console=console, disable=not (enabled and console.is_terminal))
+    task = bar.add_task(label, total=total, completed=done)
+    with bar:
+        yield lambda: bar.advance(task)
