@@ -13,8 +13,6 @@ import json
 import math
 import os
 import platform
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,16 +21,15 @@ from typing import Any
 import numpy as np
 
 from radgrounder.errors import RadGrounderError
-from radgrounder.evaluation.datasets import EvalDataset, EvalItem
-from radgrounder.evaluation.parsing import clean_generated, grounded, plain_text
-from radgrounder.evaluation.question_types import question_kind, reference_is_closed
+from radgrounder.evaluation.datasets import EvalDataset
+from radgrounder.evaluation.generation_pass import generate_records
+from radgrounder.evaluation.parsing import plain_text
 from radgrounder.evaluation.scoring import (
     GROUNDING_METRICS,
     NAN,
     TEXT_METRICS,
     corpus_bleu,
     detection_map,
-    score_grounding,
     summarize_metrics,
     text_scores,
 )
@@ -40,7 +37,6 @@ from radgrounder.fileio import atomic_write_bytes, atomic_write_json, sha256_tre
 from radgrounder.labels.checkpoint import CheckpointWriter, read_checkpoint
 
 FORMAT = "radgrounder-eval/1"
-GROUNDED_TASKS = ("grounded-report", "grounded-vqa")
 STRING_COLUMNS = (
     "id", "dataset", "split", "task", "language", "question_type", "prompt", "raw_prediction",
     "prediction", "raw_reference", "reference", "image_ref", "error", "llm_judge_status",
@@ -73,14 +69,6 @@ class EvalRun:
     summary: dict[str, Any]
     n: int
     failures: list[dict[str, str]]
-
-
-def _matcher(spec: str) -> str | Callable[[str, str], float]:
-    if spec in ("exact", "lexical"):
-        return spec
-    from radgrounder.evaluation.embedding import SentenceEncoder, keyword_matcher
-
-    return keyword_matcher(SentenceEncoder(spec))
 
 
 def _identity(loaded: Any, dataset: EvalDataset, opts: EvalOptions) -> dict[str, Any]:
@@ -129,128 +117,6 @@ def _check_out(out: Path, identity: dict[str, Any]) -> None:
                 path=out,
             )
     atomic_write_json(path, identity)
-
-
-def _question_type(example: Any, compat: str) -> str:
-    raw = str(example.meta.get("question_type") or "")
-    if (
-        compat == "reference"
-        and example.task in ("vqa", "grounded-vqa")
-        and example.source == "built"
-    ):
-        return "closed" if reference_is_closed(example.target) else "open"
-    try:
-        return question_kind(raw) if raw else ""
-    except RadGrounderError:
-        return ""
-
-
-def _display(image: np.ndarray) -> np.ndarray:
-    grey = np.asarray(image, np.float32).mean(axis=0)
-    lo, hi = float(grey.min()), float(grey.max())
-    return (
-        ((grey - lo) / (hi - lo) * 255).astype(np.uint8)
-        if hi > lo
-        else np.zeros_like(grey, np.uint8)
-    )
-
-
-def _save_example(out: Path, n: int, example: Any, ref: Any, pred: Any) -> str:
-    from PIL import Image
-
-    from radgrounder.visualize import render_overlay
-
-    image = _display(example.image)
-    left = render_overlay(image, ref, title="reference")
-    right = render_overlay(image, pred, title="prediction")
-    canvas = Image.new("RGB", (left.width + right.width, max(left.height, right.height)))
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (left.width, 0))
-    rel = f"examples/{n:04d}.png"
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    atomic_write_bytes(out / rel, buf.getvalue())
-    return rel
-
-
-def _record(
-    item: EvalItem,
-    example: Any,
-    gen: Any,
-    variant: str,
-    opts: EvalOptions,
-    matcher: str | Callable[[str, str], float],
-) -> tuple[dict[str, Any], Any, Any]:
-    raw_pred = clean_generated(gen.text, variant, compat=opts.compat)
-    rec: dict[str, Any] = {
-        "id": item.id,
-        "task": example.task,
-        "language": example.language,
-        "question_type": _question_type(example, opts.compat),
-        "prompt": example.prompt,
-        "raw_prediction": raw_pred,
-        "raw_reference": example.target,
-        "image_ref": item.image_ref,
-        "n_new_tokens": len(gen.token_ids),
-    }
-    pred_gt, ref_gt = None, None
-    if example.task in GROUNDED_TASKS:
-        pred_gt, pred_pairs = grounded(raw_pred, variant, gen.masks)
-        ref_gt, ref_pairs = grounded(example.target, variant, example.masks)
-        rec["grounding"] = score_grounding(pred_pairs, ref_pairs, matcher)
-        rec["class_ious"] = rec["grounding"].pop("class_ious")
-        rec["pred_spans"] = [info for _, _, info in pred_pairs]
-        rec["ref_spans"] = [info for _, _, info in ref_pairs]
-    return rec, pred_gt, ref_gt
-
-
-def _generate(
-    loaded: Any, dataset: EvalDataset, todo: list[EvalItem], out: Path, opts: EvalOptions,
-    n_examples_done: int,
-) -> None:  # fmt: skip
-    from rich.progress import Progress
-
-    from radgrounder.inference import generate_examples
-
-    matcher = _matcher(opts.matcher)
-    writer = CheckpointWriter(out / "generations.jsonl")
-    shown = n_examples_done
-    try:
-        with Progress(disable=not opts.progress) as bar:
-            task = bar.add_task(f"eval {dataset.name}/{dataset.split}", total=len(todo))
-            for start in range(0, len(todo), opts.batch_size):
-                chunk, examples = [], []
-                for item in todo[start : start + opts.batch_size]:
-                    try:
-                        examples.append(dataset.example(item))
-                        chunk.append(item)
-                    except (RadGrounderError, OSError, ValueError, KeyError) as exc:
-                        writer.write(
-                            {"id": item.id, "image_ref": item.image_ref, "error": str(exc)}
-                        )
-                        bar.advance(task)
-                if not chunk:
-                    continue
-                t0 = time.perf_counter()
-                gens = generate_examples(
-                    loaded,
-                    examples,
-                    max_new_tokens=opts.max_new_tokens,
-                    mask_threshold=opts.mask_threshold,
-                )
-                seconds = (time.perf_counter() - t0) / len(chunk)
-                for item, example, gen in zip(chunk, examples, gens, strict=True):
-                    rec, pred_gt, ref_gt = _record(
-                        item, example, gen, loaded.variant, opts, matcher
-                    )
-                    rec["seconds"] = seconds
-                    if shown < opts.n_examples and pred_gt is not None:
-                        rec["example"] = _save_example(out, shown, example, ref_gt, pred_gt)
-                        shown += 1
-                    writer.write(rec)
-                    bar.advance(task)
-    finally:
-        writer.close()
 
 
 def _judge(judge: Any, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
@@ -435,7 +301,7 @@ def evaluate(
     n_shown = sum(1 for r in records.values() if "example" in r)
     if todo:
         with flush_denormals():
-            _generate(loaded, dataset, todo, out, opts, n_shown)
+            generate_records(loaded, dataset, todo, out, opts, n_shown)
         records = read_checkpoint(path)[0]
 
     rows, failures = _rows(dataset, records, loaded.variant, opts)

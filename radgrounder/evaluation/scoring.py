@@ -63,7 +63,8 @@ def score_grounding(
       dataset value.
     - ``grounding_iou_segment_legacy``: the reference segmentation evaluator (clipped,
       pairs with similarity <= 0 unmatched, over the matched count, both empty = 1).
-    - ``box_iou`` / ``mask_iou`` / ``mask_dice``: mean over the matched pairs of ours.
+    - ``box_iou`` / ``mask_iou`` / ``mask_dice``: mean over the pairs of ours whose
+      keywords are similar at all (similarity > 0); NaN when there is none.
     """
     if pred and ref and not isinstance(pred[0][1], Box):
         shape = ref[0][1].shape
@@ -81,7 +82,7 @@ def score_grounding(
         "mask_iou": NAN,
         "mask_dice": NAN,
     }
-    pairs = ours["pairs"]
+    pairs = [p for p in ours["pairs"] if p[3] > 0]  # keywords that actually correspond
     if pairs:
         ious = [iou for _, _, iou, _ in pairs]
         if isinstance(ref[0][1], Box):

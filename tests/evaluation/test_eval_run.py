@@ -213,7 +213,7 @@ def test_compare_refuses_runs_on_different_data(tiny_models, slake_root, vqa_rad
 @pytest.mark.parametrize("variant", ["detection", "segmentation"])
 def test_a_perfect_prediction_scores_one(built_eval_dataset, variant):
     """Feed each grounded sample's own target (and masks) back as the generation."""
-    from radgrounder.evaluation.runner import _record
+    from radgrounder.evaluation.generation_pass import sample_record
     from radgrounder.modeling.generation import Generated
 
     ds = open_dataset("built", built_eval_dataset, variant=variant, tasks=["grounded-report"])
@@ -224,7 +224,7 @@ def test_a_perfect_prediction_scores_one(built_eval_dataset, variant):
         if "<seg" not in ex.target:
             continue
         gen = Generated(ex.target, [1, 2], masks=list(ex.masks))
-        rec, pred, ref = _record(item, ex, gen, variant, opts, "exact")
+        rec, pred, ref = sample_record(item, ex, gen, variant, opts, "exact")
         g = rec["grounding"]
         assert g["grounding_iou"] == pytest.approx(1.0)
         assert g["grounding_iou_detect_legacy"] == pytest.approx(1.0)
@@ -285,3 +285,21 @@ def test_eval_with_an_llm_judge_counts_failures_and_resumes(tiny_models, slake_r
         assert (j["ok"], j["unparseable"], j["error"]) == (3, 1, 0)
         assert second.summary["metrics"]["all"]["llm_score"]["n"] == 3
         assert second.summary["metrics"]["all"]["llm_score"]["mean"] == 1.0  # answers differ
+
+
+def test_refrad2d_folder(tiny_models, built_eval_dataset, tmp_path):
+    from radgrounder.labels.export_refrad2d import export_refrad2d
+
+    export_refrad2d(built_eval_dataset, tmp_path / "refrad2d")
+    ds = open_dataset("refrad2d", tmp_path / "refrad2d", split="test", languages=["de"])
+    assert len(ds) > 0 and all(i.id.endswith("/de") for i in ds.items)
+    run = evaluate(
+        tiny_models["detection"],
+        ds,
+        tmp_path / "run",
+        EvalOptions(max_new_tokens=3, limit=6, progress=False, n_resamples=200),
+    )
+    assert run.n == 6 and not run.failures
+    rows = pq.read_table(tmp_path / "run" / "samples.parquet").to_pylist()
+    assert {r["language"] for r in rows} == {"de"}
+    assert any(r["task"] == "grounded-report" and "<p bbox=" in r["raw_reference"] for r in rows)
