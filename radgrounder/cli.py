@@ -490,6 +490,94 @@ def compare(
         typer.echo(f"-> {out}")
 
 
+_PREDICT_EXAMPLE = (
+    "radgrounder predict --model runs/tiny-cpu/final data/totalseg_example/example_ct_dicom "
+    "--all-slices --task grounded-report --language de --out predictions"
+)
+
+
+@app.command(epilog=_example(_PREDICT_EXAMPLE))
+def predict(
+    input_path: Annotated[
+        Path, typer.Argument(help="DICOM file, DICOM series folder, NIfTI or PNG/JPG.")
+    ],
+    model: Annotated[str, typer.Option(help="Checkpoint folder (or hub id in the local cache).")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    task: Annotated[
+        str, typer.Option(help="report, grounded-report, vqa, detect or segment.")
+    ] = "grounded-report",
+    slice_index: Annotated[
+        int | None, typer.Option("--slice", help="Slice index (default: the middle one).")
+    ] = None,
+    all_slices: Annotated[
+        bool, typer.Option(help="Every slice, plus a 3-D summary (series.json).")
+    ] = False,
+    window: Annotated[str, typer.Option(help="Display window of the overlays.")] = "soft_tissue",
+    language: Annotated[str, typer.Option(help="en or de.")] = "en",
+    question: Annotated[str | None, typer.Option(help="The question (task vqa).")] = None,
+    structures: Annotated[
+        str | None, typer.Option(help="Comma-separated structures (tasks detect/segment).")
+    ] = None,
+    clinical_info: Annotated[str | None, typer.Option(help="Clinical information.")] = None,
+    clinical_question: Annotated[str | None, typer.Option(help="Clinical question.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation length limit.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Slices per batch.")] = 8,
+    export: Annotated[
+        str | None, typer.Option(help="dicom-seg or dicom-sr (needs the dicom extra).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16.")] = None,
+) -> None:
+    """Run a model on a scan: predictions.jsonl, one overlay PNG per slice, mask PNGs,
+    series.json for several slices, optionally a DICOM SEG/SR referencing the series."""
+    from radgrounder.inference import Predictor
+    from radgrounder.inference.outputs import run_predict
+
+    predictor = Predictor(model, device=device, dtype=dtype, batch_size=batch_size)
+    run = run_predict(
+        predictor,
+        input_path,
+        out,
+        task=task,
+        language=language,
+        slice_index=slice_index,
+        all_slices=all_slices,
+        window=window,
+        export=export,
+        max_new_tokens=max_new_tokens,
+        question=question,
+        structures=[s.strip() for s in structures.split(",") if s.strip()] if structures else None,
+        clinical_info=clinical_info,
+        clinical_question=clinical_question,
+    )
+    typer.echo(f"{run.n} prediction(s) -> {run.out}")
+    for name, path in run.files.items():
+        typer.echo(f"  {name}: {path}")
+
+
+@app.command(epilog=_example("radgrounder serve --model runs/tiny-cpu/final --port 8000"))
+def serve(
+    model: Annotated[str, typer.Option(help="Checkpoint folder (or hub id in the local cache).")],
+    host: Annotated[
+        str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="RADGROUNDER_TOKEN", help="Bearer token required by every endpoint but health."
+        ),
+    ] = None,
+    max_upload_mb: Annotated[int, typer.Option(help="Largest accepted upload (MB).")] = 512,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
+) -> None:
+    """Serve the REST API (OpenAPI at /docs) and the grounded web viewer at /."""
+    from radgrounder.serve.app import serve as run_server
+
+    run_server(model, host=host, port=port, token=token, max_upload_mb=max_upload_mb,
+               device=device)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: bad input becomes one line on stderr and exit code 1."""
     try:

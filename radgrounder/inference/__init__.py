@@ -1,5 +1,17 @@
-"""Inference: batched generation with RadGrounder checkpoints."""
+"""Inference: batched prediction with RadGrounder checkpoints, series aggregation, export."""
 
 from radgrounder.inference.batching import generate_examples
+from radgrounder.inference.predictor import LANGUAGES, TASKS, Prediction, Predictor, Prepared
+from radgrounder.inference.series import SeriesPrediction, Structure3D, aggregate_structures
 
-__all__ = ["generate_examples"]
+__all__ = [
+    "LANGUAGES",
+    "TASKS",
+    "Prediction",
+    "Predictor",
+    "Prepared",
+    "SeriesPrediction",
+    "Structure3D",
+    "aggregate_structures",
+    "generate_examples",
+]

@@ -1,0 +1,183 @@
+"""``radgrounder predict``: load the input, choose slices, predict, write the results.
+
+Outputs in the chosen folder: ``predictions.jsonl`` (one line per slice), ``overlays/``
+(one PNG per slice: boxes/masks in class colours, a legend in the chosen language, the
+text), ``masks/`` (one PNG per grounded mask) and, in series mode, ``series.json`` with the
+3-D structures; optionally a DICOM Segmentation or Structured Report.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from radgrounder.errors import RadGrounderError
+from radgrounder.fileio import atomic_write_bytes, atomic_write_json
+from radgrounder.imaging import Slice, Volume, display_image, load_scan
+
+EXPORTS = ("dicom-seg", "dicom-sr")
+
+
+@dataclass
+class PredictRun:
+    out: Path
+    n: int
+    files: dict[str, Path]
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _display(sl: Slice, window: str) -> np.ndarray:
+    if sl.is_rgb:
+        return np.clip(np.rint(sl.pixels), 0, 255).astype(np.uint8)
+    if sl.modality is None:  # a grey picture: stretch, as display_image does for MR
+        return display_image(sl.pixels, "MR")
+    return display_image(sl.pixels, sl.modality, preset=window)
+
+
+def select_slices(volume: Volume, slice_index: int | None, all_slices: bool) -> list[int]:
+    """The slices to predict: all, the given one, or the middle one."""
+    if all_slices and slice_index is not None:
+        raise RadGrounderError("--slice and --all-slices exclude each other")
+    if all_slices:
+        return list(range(volume.n_slices))
+    if slice_index is None:
+        return [volume.n_slices // 2]
+    volume.slice(slice_index)  # raises with the valid range
+    return [slice_index]
+
+
+def write_predictions(
+    out: Path,
+    predictions: Sequence[Any],
+    slices: Sequence[Slice],
+    *,
+    window: str = "soft_tissue",
+    overlays: bool = True,
+) -> dict[str, Path]:
+    """Write ``predictions.jsonl``, overlays and mask PNGs for ``predictions`` (one per
+    slice, same order); every file is written atomically."""
+    from radgrounder.anatomy import load_schema
+    from radgrounder.visualize import render_overlay
+
+    lines = []
+    for pred, sl in zip(predictions, slices, strict=True):
+        tag = f"slice_{pred.slice_index:04d}" if pred.slice_index is not None else "image"
+        record = pred.to_dict()
+        for n, span in enumerate(pred.grounded.spans):
+            if span.mask is not None:
+                rel = f"masks/{tag}_span{n:02d}.png"
+                atomic_write_bytes(out / rel, _png(np.asarray(span.mask, np.uint8) * 255))
+                record["spans"][n]["mask"] = rel
+        if overlays:
+            rel = f"overlays/{tag}.png"
+            names = load_schema().display_names(pred.language)
+            title = f"{Path(pred.source or '').name} {tag} - {pred.task}"
+            pic = render_overlay(_display(sl, window), pred.grounded, display_names=names,
+                                 title=title)  # fmt: skip
+            buf = io.BytesIO()
+            pic.save(buf, format="PNG")
+            atomic_write_bytes(out / rel, buf.getvalue())
+            record["overlay"] = rel
+        lines.append(json.dumps(record, ensure_ascii=False))
+    atomic_write_bytes(out / "predictions.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
+    return {"predictions": out / "predictions.jsonl"}
+
+
+def run_predict(
+    predictor: Any,
+    input_path: str | Path,
+    out: str | Path,
+    *,
+    task: str,
+    language: str = "en",
+    slice_index: int | None = None,
+    all_slices: bool = False,
+    window: str = "soft_tissue",
+    export: str | None = None,
+    max_new_tokens: int = 200,
+    **task_fields: Any,
+) -> PredictRun:
+    """Predict on a DICOM file or folder, NIfTI or PNG/JPG and write the outputs to ``out``."""
+    from radgrounder.imaging import WINDOWS
+
+    if window not in WINDOWS:
+        raise RadGrounderError(f"--window: unknown {window!r} (expected {', '.join(WINDOWS)})")
+    if export is not None and export not in EXPORTS:
+        raise RadGrounderError(f"--export: unknown {export!r} (expected {', '.join(EXPORTS)})")
+    out = Path(out)
+    volume = load_scan(input_path)
+    if export and volume.kind != "dicom-series":
+        raise RadGrounderError("--export needs a DICOM series folder as input", path=input_path)
+    indices = select_slices(volume, slice_index, all_slices)
+    slices = [replace(volume.slice(k), source=str(input_path)) for k in indices]
+    if volume.kind == "image" and volume.modality is None:
+        preds = predictor.predict([Path(input_path)], task, language,
+                                  max_new_tokens=max_new_tokens, **task_fields)  # fmt: skip
+    else:
+        preds = predictor.predict(slices, task, language, max_new_tokens=max_new_tokens,
+                                  **task_fields)  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_predictions(out, preds, slices, window=window)
+    if len(indices) > 1 or export:
+        from radgrounder.inference.series import SeriesPrediction, aggregate_structures
+
+        series = SeriesPrediction(volume, preds, aggregate_structures(preds, volume.affine))
+        atomic_write_json(out / "series.json", series.to_dict())
+        files["series"] = out / "series.json"
+    if export:
+        files[export] = _export(export, Path(input_path), volume, preds, out)
+    return PredictRun(out, len(preds), files)
+
+
+def _export(kind: str, series_dir: Path, volume: Volume, preds: Sequence[Any], out: Path) -> Path:
+    from radgrounder.inference import dicom_export as dx
+
+    if kind == "dicom-sr":
+        findings = []
+        for p in preds:
+            for span in p.grounded.spans:
+                box = None
+                if span.boxes:
+                    arr = np.array([b.to_pixels(p.width, p.height) for b in span.boxes])
+                    box = (*arr[:, :2].min(0), *arr[:, 2:].max(0))
+                elif span.mask is not None and span.mask.any():
+                    r, c = np.nonzero(span.mask)
+                    box = (c.min(), r.min(), c.max() + 1, r.max() + 1)
+                if box is not None:
+                    findings.append(dx.Finding(span.label, p.slice_index,
+                                               tuple(float(v) for v in box),
+                                               span.class_id, span.class_name))  # fmt: skip
+        text = "\n".join(f"[slice {p.slice_index}] {p.grounded.text}" for p in preds)
+        return dx.export_dicom_sr(series_dir, volume, findings, out / "grounded_report_sr.dcm",
+                                  report_text=text)  # fmt: skip
+    segments: dict[str, Any] = {}
+    for p in preds:
+        for span in p.grounded.spans:
+            if span.mask is None:
+                continue
+            key = span.class_name or span.label.strip().lower()
+            seg = segments.setdefault(
+                key, dx.Segment3D(span.label.strip(), np.zeros(volume.shape, bool),
+                                  span.class_id, span.class_name)
+            )  # fmt: skip
+            seg.mask[p.slice_index] |= span.mask
+    if not segments:
+        raise RadGrounderError(
+            "--export dicom-seg needs masks: use the segmentation model and a grounding task "
+            "(the detection model's boxes go into --export dicom-sr)"
+        )
+    return dx.export_dicom_seg(series_dir, volume, list(segments.values()),
+                               out / "grounded_segmentation.dcm")  # fmt: skip
