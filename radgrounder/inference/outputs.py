@@ -160,6 +160,11 @@ def _export(kind: str, series_dir: Path, volume: Volume, preds: Sequence[Any], o
                     findings.append(dx.Finding(span.label, p.slice_index,
                                                tuple(float(v) for v in box),
                                                span.class_id, span.class_name))  # fmt: skip
+        if not findings:
+            raise RadGrounderError(
+                "--export dicom-sr: no grounded phrase with a box or mask in the predictions; "
+                "nothing to export"
+            )
         text = "\n".join(f"[slice {p.slice_index}] {p.grounded.text}" for p in preds)
         return dx.export_dicom_sr(series_dir, volume, findings, out / "grounded_report_sr.dcm",
                                   report_text=text)  # fmt: skip

@@ -220,3 +220,25 @@ def test_predict_cli_on_the_dicom_series_nifti_and_png(tiny, tmp_path, capsys):
     code, cap = _run_cli(["predict", str(SERIES), "--model", str(tiny["detection"]), "--out",
                           str(tmp_path / "bad"), "--slice", "40"], capsys)  # fmt: skip
     assert code == 1 and "out of range" in cap.err
+
+
+def test_predict_cli_exports_dicom_seg_and_sr(tiny, tmp_path, monkeypatch, capsys):
+    import highdicom as hd
+
+    mask = np.zeros((224, 224), bool)
+    mask[80:150, 30:120] = True
+    _script(monkeypatch, lambda ex: Generated("The <seg>liver</seg> is normal.", [1], masks=[mask]))
+    base = ["predict", str(SERIES), "--model", str(tiny["segmentation"]), "--slice", "10"]
+    code, cap = _run_cli([*base, "--out", str(tmp_path / "seg"), "--export", "dicom-seg"], capsys)
+    assert code == 0, cap.err
+    seg = hd.seg.segread(tmp_path / "seg" / "grounded_segmentation.dcm")
+    assert seg.number_of_segments == 1
+    assert seg.get_segment_description(1).segment_label == "liver"
+    code, cap = _run_cli([*base, "--out", str(tmp_path / "sr"), "--export", "dicom-sr"], capsys)
+    assert code == 0, cap.err
+    sr = hd.sr.srread(tmp_path / "sr" / "grounded_report_sr.dcm")
+    assert "liver" in str(sr.ContentSequence)
+
+    _script(monkeypatch, lambda ex: Generated("Nothing to see.", [1]))
+    code, cap = _run_cli([*base, "--out", str(tmp_path / "none"), "--export", "dicom-sr"], capsys)
+    assert code == 1 and "nothing to export" in cap.err
