@@ -131,11 +131,16 @@ def generate_records(
                 if not chunk:
                     continue
                 t0 = time.perf_counter()
-                gens = generate_examples(
-                    loaded,
-                    examples,
-                    max_new_tokens=opts.max_new_tokens,
-                    mask_threshold=opts.mask_threshold,
+                generate = getattr(loaded, "generate_examples", None)  # e.g. a baseline
+                gens = (
+                    generate(examples)
+                    if generate
+                    else generate_examples(
+                        loaded,
+                        examples,
+                        max_new_tokens=opts.max_new_tokens,
+                        mask_threshold=opts.mask_threshold,
+                    )
                 )
                 seconds = (time.perf_counter() - t0) / len(chunk)
                 for item, example, gen in zip(chunk, examples, gens, strict=True):

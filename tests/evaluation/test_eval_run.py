@@ -303,3 +303,26 @@ def test_refrad2d_folder(tiny_models, built_eval_dataset, tmp_path):
     rows = pq.read_table(tmp_path / "run" / "samples.parquet").to_pylist()
     assert {r["language"] for r in rows} == {"de"}
     assert any(r["task"] == "grounded-report" and "<p bbox=" in r["raw_reference"] for r in rows)
+
+
+def test_mean_box_baseline(built_eval_dataset, tmp_path):
+    from radgrounder.evaluation.baseline import MeanBoxBaseline
+    from radgrounder.grounding import codec
+
+    base = MeanBoxBaseline(built_eval_dataset, split="test")
+    ds = open_dataset("built", built_eval_dataset, tasks=["grounded-report"], languages=["en"])
+    ex = next(ds.example(i) for i in ds.items if "<p bbox" in ds.example(i).target)
+    ref, got = (
+        codec("radgrounder-detect").decode(ex.target),
+        codec("radgrounder-detect").decode(base.answer(ex.target)),
+    )
+    assert got.text == ref.text and [s.label for s in got.spans] == [s.label for s in ref.spans]
+    for s in got.spans:  # the mean box, quantised onto the 512 bins of the grammar
+        (box,) = s.boxes
+        mean = base.mean_boxes[s.class_id].as_tuple()
+        assert np.allclose(box.as_tuple(), mean, atol=1 / 512)
+    run = evaluate(base, ds, tmp_path, EvalOptions(progress=False, n_resamples=200, limit=10))
+    m = run.summary["metrics"]["all"]
+    assert m["f1"]["mean"] == pytest.approx(1.0)
+    assert 0.0 < m["box_iou"]["mean"] < 1.0
+    assert run.summary["model"]["variant"] == "detection"
