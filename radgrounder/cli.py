@@ -63,16 +63,34 @@ def inspect(
         typer.echo(f"{key:<{width}}  {value}")
 
 
-@app.command(epilog=_example("radgrounder demo --out demo_output"))
+@app.command(epilog=_example("radgrounder demo --out demo_output --serve"))
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the overlays and JSON.")] = Path(
+    out: Annotated[Path, typer.Option(help="Output folder (resumed if it exists).")] = Path(
         "demo_output"
     ),
+    serve: Annotated[
+        bool, typer.Option(help="Afterwards, serve the trained model with the web viewer.")
+    ] = False,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Training steps (default: the config's 500).")
+    ] = None,
+    eval_limit: Annotated[
+        int | None, typer.Option(help="Evaluate only the first N held-out samples.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation length limit.")] = 160,
+    port: Annotated[int, typer.Option(help="Port for --serve.")] = 8000,
 ) -> None:
-    """Run the bundled-data demo: inspect the example scans and draw grounded slices."""
-    from radgrounder.demo import run_demo
+    """The whole loop on the bundled scans: build data, train on CPU, evaluate next to a
+    baseline, predict on the DICOM series, write index.html."""
+    from radgrounder.demo_pipeline import run_pipeline
 
-    run_demo(out)
+    result = run_pipeline(
+        out, max_steps=max_steps, eval_limit=eval_limit, max_new_tokens=max_new_tokens
+    )
+    if serve:
+        from radgrounder.serve.app import serve as run_server
+
+        run_server(result.model, port=port)
 
 
 labels_app = typer.Typer(

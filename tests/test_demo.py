@@ -44,3 +44,47 @@ def test_run_demo_writes_overlays_and_targets(tmp_path):
         assert decoded.text == g["text"] and decoded.problems == []
         assert all(s.class_name and s.boxes for s in decoded.spans)
         assert g["target_segment"].count("</seg>") == len(decoded.spans)
+
+
+def test_demo_pipeline_end_to_end_quick(tmp_path):
+    """The whole loop with a few training steps: every stage writes what the page shows."""
+    from html.parser import HTMLParser
+
+    from radgrounder.demo_pipeline import run_pipeline
+
+    result = run_pipeline(tmp_path, max_steps=3, eval_limit=4, max_new_tokens=6)
+    out = tmp_path
+    assert (result.model / "config.json").is_file()
+    manifest = json.loads((out / "dataset" / "manifest.json").read_text())
+    assert "ct_dicom_series" in json.dumps(manifest)
+    assert sorted(p.stem for p in (out / "dataset" / "samples" / "test").glob("*.parquet")) == [
+        "ct_dicom_series"
+    ]
+    for run in ("model", "baseline"):
+        summary = json.loads((out / "eval" / run / "summary.json").read_text())
+        assert summary["dataset"]["n"] == 4 and summary["dataset"]["split"] == "test"
+        assert "grounding_iou" in summary["metrics"]["all"]
+    for lang in ("en", "de"):
+        lines = (out / "predict" / lang / "predictions.jsonl").read_text().splitlines()
+        assert len(lines) == 20 and json.loads(lines[0])["language"] == lang
+        assert (out / "predict" / lang / "series.json").is_file()
+    page = result.index_html.read_text()
+    assert "mean-box baseline" in page and "can and cannot show" in page
+    base = json.loads((out / "eval" / "baseline" / "summary.json").read_text())
+    assert f"{base['metrics']['all']['box_iou']['mean']:.3f}" in page
+    assert (out / "training_curve.png").is_file()
+
+    class Images(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.srcs: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.srcs.append(dict(attrs)["src"])
+
+    parser = Images()
+    parser.feed(page)
+    assert len(parser.srcs) >= 6
+    for src in parser.srcs:
+        assert (out / src).is_file(), src
