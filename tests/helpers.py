@@ -24,3 +24,26 @@ def edit_dicom(path: Path, **changes: object) -> None:
         else:
             setattr(ds, keyword, value)
     ds.save_as(path)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, object]:
+    """Run ``radgrounder ARGS`` in-process; returns (exit code, captured output)."""
+    from radgrounder.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr()
+
+
+def single_torch_thread():
+    """Fixture body: one intra-op thread. The tiny models gain nothing from more, and two
+    OpenMP threads on two busy cores spin-wait each other into 50x slowdowns."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,9 +10,8 @@ from typing import Any
 import numpy as np
 
 from radgrounder.errors import RadGrounderError
+from radgrounder.evaluation.metrics import resample_means
 from radgrounder.evaluation.scoring import subsets
-
-_CHUNK_ELEMENTS = 4_000_000
 
 
 def _load(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -44,12 +43,7 @@ def paired_bootstrap(
     if d.ndim != 1 or d.size == 0:
         raise RadGrounderError("paired_bootstrap: need two equally long, non-empty lists")
     n = d.size
-    rng = np.random.default_rng(seed)
-    rows = max(1, _CHUNK_ELEMENTS // n)
-    means = np.empty(n_resamples)
-    for start in range(0, n_resamples, rows):
-        stop = min(start + rows, n_resamples)
-        means[start:stop] = d[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    means = resample_means(d, n_resamples=n_resamples, seed=seed)
     low, high = np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     p = min(1.0, 2.0 * min(float(np.mean(means <= 0)), float(np.mean(means >= 0))))
     return {

@@ -56,6 +56,20 @@ __all__ = [
 _CHUNK_ELEMENTS = 4_000_000  # resample indices held in memory at once
 
 
+def resample_means(x: np.ndarray, *, n_resamples: int, seed: int) -> np.ndarray:
+    """Means of ``n_resamples`` resamples of ``x`` with replacement from
+    ``numpy.random.default_rng(seed)``; index matrices are drawn row by row in chunks, so
+    the result does not depend on the chunk size."""
+    n = x.size
+    rng = np.random.default_rng(seed)
+    rows = max(1, _CHUNK_ELEMENTS // n)
+    means = np.empty(n_resamples)
+    for start in range(0, n_resamples, rows):
+        stop = min(start + rows, n_resamples)
+        means[start:stop] = x[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    return means
+
+
 def bootstrap_ci(
     values: Iterable[float],
     *,
@@ -83,13 +97,7 @@ def bootstrap_ci(
     if not 0.0 < alpha < 1.0:
         raise RadGrounderError(f"bootstrap_ci: alpha must lie in (0, 1), got {alpha}")
     n = x.size
-    rng = np.random.default_rng(seed)
-    rows = max(1, _CHUNK_ELEMENTS // n)
-    means = np.empty(n_resamples)
-    for start in range(0, n_resamples, rows):
-        stop = min(start + rows, n_resamples)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = x[idx].mean(axis=1)
+    means = resample_means(x, n_resamples=n_resamples, seed=seed)
     low, high = np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return {
         "mean": float(x.mean()),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import ipaddress
 import logging
 import os
 import tempfile
@@ -27,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
 from radgrounder import __version__
+from radgrounder.chat_client import is_loopback
 from radgrounder.errors import RadGrounderError
 from radgrounder.imaging import WINDOWS, Volume, display_image, load_scan
 from radgrounder.serve import params
@@ -319,15 +319,6 @@ def create_app(
     return app
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def serve(
     model_path: str | os.PathLike[str],
     host: str = "127.0.0.1",
@@ -346,7 +337,7 @@ def serve(
     logger.setLevel(logging.INFO)
     if max_upload_mb < 1:
         raise RadGrounderError(f"max_upload_mb: must be at least 1, got {max_upload_mb}")
-    if not _is_loopback(host) and not token:
+    if not is_loopback(host) and not token:
         logger.warning(
             "serving on %s without a token: anyone who can reach this address can use the "
             "model; set --token (or RADGROUNDER_TOKEN)",

@@ -82,8 +82,38 @@ def test_inspect_missing_path_and_bad_modality(tmp_path):
     assert res.returncode == 1 and "PET" in res.stderr and len(res.stderr.splitlines()) == 1
 
 
-def test_help_ends_with_a_working_example():
-    for command in ("inspect", "demo"):
-        res = run(command, "--help")
-        assert res.returncode == 0
-        assert f"radgrounder {command}" in res.stdout.strip().splitlines()[-1]
+def _leaf_commands():
+    import typer.main
+
+    from radgrounder.cli import app
+
+    root = typer.main.get_command(app)
+
+    def walk(group, prefix):
+        for name, cmd in sorted(group.commands.items()):
+            if hasattr(cmd, "commands"):
+                yield from walk(cmd, [*prefix, name])
+            else:
+                yield [*prefix, name], cmd
+
+    return list(walk(root, []))
+
+
+def test_every_help_ends_with_an_example_that_parses():
+    """Each subcommand's --help ends with an example; the example's arguments are accepted by
+    that command's parser (known options, required values present)."""
+    import shlex
+
+    leaves = _leaf_commands()
+    names = {" ".join(path) for path, _ in leaves}
+    assert {"inspect", "demo", "eval", "compare", "predict", "serve", "train"} <= names
+    assert {"labels build", "labels segment", "model init"} <= names
+    for path, cmd in leaves:
+        res = run(*path, "--help")
+        assert res.returncode == 0, path
+        last = res.stdout.strip().splitlines()[-1].strip()
+        prefix = "radgrounder " + " ".join(path)
+        assert last.startswith(prefix), (path, last)
+        args = shlex.split(last)[1 + len(path) :]
+        ctx = cmd.make_context(" ".join(path), args, resilient_parsing=False)
+        assert ctx.params, path

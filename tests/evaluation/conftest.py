@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from radgrounder.resources import load_json
+from tests.helpers import single_torch_thread
 
 
 def _jpeg(path: Path, seed: int) -> None:
@@ -92,9 +92,4 @@ def built_eval_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "out"
 
 
-@pytest.fixture(autouse=True, scope="package")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_torch_thread = pytest.fixture(autouse=True, scope="package")(single_torch_thread)

@@ -3,22 +3,20 @@
 The "judge" reads the last user message (``Question: …\\nCandidate: …\\nReference: …``) and
 answers ``{"score": s, "reason": …}``, with ``s`` from ``scores`` keyed by the candidate, else 5
 when candidate and reference agree (ignoring case) and 1 when not. Faults are scripted per
-candidate or for every request, for a number of requests or forever; every request is recorded.
+candidate or for every request, for a number of requests or forever; every request is recorded
+(see :mod:`tests.fake_chat_server`).
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
+
+from tests import fake_chat_server as chat
 
 KINDS = frozenset(
     {
@@ -33,32 +31,21 @@ KINDS = frozenset(
 
 
 @dataclass(frozen=True)
-class Fault:
-    kind: str
-    status: int = 500
+class Fault(chat.Fault):
+    KINDS: ClassVar[frozenset[str]] = KINDS
+
     retry_after: float | None = None
     seconds: float = 0.0
     text: str = ""
     finish: str = "stop"
 
-    def __post_init__(self) -> None:
-        assert self.kind in KINDS, self.kind
 
-
-@dataclass
-class Request:
-    time: float
-    path: str
-    headers: dict[str, str]
-    body: Any
-
+class Request(chat.Request):
     @property
     def user(self) -> str | None:
         """The last user message: the item being judged."""
-        try:
-            return [m["content"] for m in self.body["messages"] if m["role"] == "user"][-1]
-        except (KeyError, TypeError, IndexError):
-            return None
+        users = self.messages("user")
+        return users[-1] if users else None
 
     @property
     def fields(self) -> dict[str, str]:
@@ -69,58 +56,43 @@ class Request:
     def candidate(self) -> str | None:
         return self.fields.get("Candidate")
 
+    key, prompt = candidate, user
 
-class FakeJudgeServer:
-    """``with FakeJudgeServer() as server: LLMJudge(server.url, "fake")``."""
+
+class _Handler(chat.ChatHandler):
+    fake: FakeJudgeServer
+
+    def _answer(self, request: Request, fault: Fault | None) -> None:
+        kind = fault.kind if fault is not None else None
+        if fault is not None and kind == "status":
+            self._send_error(fault.status, f"injected {fault.status}", fault.retry_after)
+        elif fault is not None and kind == "body":
+            self._send_bytes(200, fault.text.encode("utf-8"), "text/html")
+        elif fault is not None and kind == "content":
+            self._send_completion(fault.text, finish=fault.finish)
+        else:
+            content = json.dumps(self.fake.judge(request))
+            self._send_completion(content, empty=kind == "no_choices")
+
+
+class FakeJudgeServer(chat.FakeChatServer):
+    """``with FakeJudgeServer() as server: LLMJudge(server.url, "fake")``.
+
+    ``count``, ``times`` and ``delays`` (extra latency) go by candidate.
+    """
+
+    request_class = Request
+    handler_class = _Handler
 
     def __init__(self, scores: dict[str, int] | None = None) -> None:
+        super().__init__()
         self.scores = dict(scores or {})
-        self.latency = 0.0  # every request takes this long, so concurrent ones overlap
-        self.delays: dict[str, float] = {}  # extra latency per candidate
-        self.requests: list[Request] = []
-        self.max_in_flight = 0
-        self._in_flight = 0
-        self._scripts: dict[str | None, list[list[Any]]] = {}
-        self._lock = threading.Lock()
-        self._httpd: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self._httpd is not None
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
 
     def fail(self, fault: Fault, *, candidate: str | None = None, times: int | None = 1) -> None:
         """Answer the next ``times`` requests (None: all) for ``candidate`` (None: any) with
         ``fault``; a candidate's own script goes before the global one."""
         assert times is None or times >= 1, times
-        with self._lock:
-            self._scripts.setdefault(candidate, []).append([fault, times])
-
-    def count(self, candidate: str | None = None) -> int:
-        with self._lock:
-            return sum(candidate is None or r.candidate == candidate for r in self.requests)
-
-    def times(self, candidate: str) -> list[float]:
-        with self._lock:
-            return [r.time for r in self.requests if r.candidate == candidate]
-
-    def start(self) -> FakeJudgeServer:
-        handler = type("Handler", (_Handler,), {"fake": self})
-        self._httpd = _Server(("127.0.0.1", 0), handler)
-        serve = functools.partial(self._httpd.serve_forever, poll_interval=0.01)
-        threading.Thread(target=serve, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-
-    def __enter__(self) -> FakeJudgeServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._script(fault, candidate, times)
 
     def judge(self, request: Request) -> dict[str, Any]:
         fields = request.fields
@@ -128,120 +100,6 @@ class FakeJudgeServer:
         same = candidate.strip().lower() == reference.strip().lower()
         score = self.scores.get(candidate, 5 if same else 1)
         return {"score": score, "reason": f"fake judgement of {candidate!r}"}
-
-    def _begin(self, request: Request) -> Fault | None:
-        with self._lock:
-            self.requests.append(request)
-            self._in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self._in_flight)
-            for key in (request.candidate, None):
-                script = self._scripts.get(key)
-                if script:
-                    fault, left = script[0]
-                    if left is not None:
-                        script[0][1] -= 1
-                        if left <= 1:
-                            script.pop(0)
-                    return fault
-            return None
-
-    def _end(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # clients that hang up on purpose (timeouts) are not errors here
-
-
-class _Handler(BaseHTTPRequestHandler):
-    fake: FakeJudgeServer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-        request = Request(time.monotonic(), self.path, dict(self.headers), body)
-        fault = self.fake._begin(request)
-        self._ended = False
-        try:
-            time.sleep(self.fake.latency + self.fake.delays.get(request.candidate or "", 0.0))
-            if self.path != "/v1/chat/completions":
-                self._send(404, {"error": {"message": f"no route {self.path}"}})
-            elif request.user is None:
-                self._send(400, {"error": {"message": "no user message"}})
-            else:
-                self._answer(request, fault)
-        except OSError:
-            pass  # the client gave up (timeout) before the answer
-        finally:
-            self._finish()
-
-    def _finish(self) -> None:
-        # Leave the in-flight count before the client sees the answer, or its next request could
-        # arrive first and be counted on top of this one.
-        if not self._ended:
-            self._ended = True
-            self.fake._end()
-
-    def _answer(self, request: Request, fault: Fault | None) -> None:
-        kind = fault.kind if fault is not None else None
-        if fault is not None and kind == "status":
-            headers = {}
-            if fault.retry_after is not None:
-                headers["Retry-After"] = f"{fault.retry_after:g}"
-            self._send(fault.status, {"error": {"message": f"injected {fault.status}"}}, headers)
-            return
-        if kind == "drop":
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        if fault is not None and kind == "body":
-            self._send_bytes(200, fault.text.encode("utf-8"), "text/html")
-            return
-        if fault is not None and kind == "sleep":
-            time.sleep(fault.seconds)
-        content = json.dumps(self.fake.judge(request))
-        finish = "stop"
-        if fault is not None and kind == "content":
-            content, finish = fault.text, fault.finish
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": content},
-            "finish_reason": finish,
-        }
-        reply = {
-            "id": f"chatcmpl-{len(self.fake.requests)}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": "fake",
-            "choices": [] if kind == "no_choices" else [choice],
-        }
-        self._send(200, reply)
-
-    def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode("utf-8")
-        self._send_bytes(status, data, "application/json", headers)
-
-    def _send_bytes(
-        self, status: int, data: bytes, ctype: str, headers: dict[str, str] | None = None
-    ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self._finish()
-        self.wfile.write(data)
 
 
 @pytest.fixture

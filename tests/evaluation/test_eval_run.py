@@ -9,23 +9,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from radgrounder.cli import main
 from radgrounder.errors import RadGrounderError
 from radgrounder.evaluation.compare import compare_runs, paired_bootstrap
 from radgrounder.evaluation.datasets import open_dataset
 from radgrounder.evaluation.runner import EvalOptions, evaluate
 from radgrounder.resources import load_json
+from tests.helpers import run_cli
 
 OUTPUTS = ("samples.parquet", "samples.csv", "summary.json", "report.html")
-
-
-def _cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr()
 
 
 def _eval(model, dataset, root, out, *extra):
@@ -38,7 +29,7 @@ def _eval(model, dataset, root, out, *extra):
 def test_vqa_rad_test_split_end_to_end(tiny_models, vqa_rad_root, tmp_path, capsys):
     out = tmp_path / "vqa"
     args = _eval(tiny_models["detection"], "vqa-rad", vqa_rad_root, out)
-    code, cap = _cli(
+    code, cap = run_cli(
         [*args, "--split", "test", "--max-new-tokens", "3", "--batch-size", "64"], capsys
     )
     assert code == 0, cap.err
@@ -89,7 +80,7 @@ def test_official_vqa_rad_split_and_failures_keep_going(
     entries.append(dict(entries[0], qid=4, image_name="missing.jpg"))
     (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(entries))
     args = _eval(tiny_models["detection"], "vqa-rad-official", root, tmp_path / "o")
-    code, cap = _cli(
+    code, cap = run_cli(
         [*args, "--images", str(vqa_rad_root / "images"), "--max-new-tokens", "2"], capsys
     )
     assert code == 3
@@ -188,7 +179,7 @@ def test_compare_two_runs(tiny_models, slake_root, tmp_path, capsys):
     evaluate(other, ds, tmp_path / "b", opts)
     result = compare_runs(tmp_path / "a", tmp_path / "a")
     assert all(v["diff"] == 0 and v["p_value"] == 1 for v in result["metrics"]["all"].values())
-    code, cap = _cli(
+    code, cap = run_cli(
         ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c.json")],
         capsys,
     )

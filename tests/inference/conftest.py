@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.helpers import single_torch_thread
 
 
 @pytest.fixture(scope="session")
@@ -16,9 +17,4 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {v: init_model("tiny", v, root / v, seed=0) for v in ("detection", "segmentation")}
 
 
-@pytest.fixture(autouse=True, scope="package")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_torch_thread = pytest.fixture(autouse=True, scope="package")(single_torch_thread)

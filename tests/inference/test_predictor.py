@@ -10,13 +10,13 @@ import pytest
 from PIL import Image
 
 import radgrounder.inference.batching as batching
-from radgrounder.cli import main
 from radgrounder.errors import RadGrounderError
 from radgrounder.grounding import Box, GroundedText
 from radgrounder.imaging import load_scan, read_label_map
 from radgrounder.inference import Prediction, Predictor, aggregate_structures
 from radgrounder.modeling.generation import Generated
 from tests.conftest import EXAMPLES
+from tests.helpers import run_cli
 
 SERIES = EXAMPLES / "example_ct_dicom"
 NIFTI = EXAMPLES / "example_ct_sm.nii.gz"
@@ -177,20 +177,11 @@ def test_series_runs_split_at_gaps():
     assert found[0].to_dict()["lps_min_mm"] == [-3.5, -49.5, 9.5]
 
 
-def _run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr()
-
-
 def test_predict_cli_on_the_dicom_series_nifti_and_png(tiny, tmp_path, capsys):
     out = tmp_path / "series"
     args = ["predict", str(SERIES), "--model", str(tiny["segmentation"]), "--out", str(out),
             "--all-slices", "--max-new-tokens", "4", "--language", "de"]  # fmt: skip
-    code, cap = _run_cli(args, capsys)
+    code, cap = run_cli(args, capsys)
     assert code == 0, cap.err
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["slice_index"] for r in lines] == list(range(20))
@@ -203,7 +194,7 @@ def test_predict_cli_on_the_dicom_series_nifti_and_png(tiny, tmp_path, capsys):
     args = ["predict", str(NIFTI), "--model", str(tiny["detection"]), "--out", str(out),
             "--slice", "3", "--task", "vqa", "--question", "Is this a CT?",
             "--max-new-tokens", "3"]  # fmt: skip
-    code, cap = _run_cli(args, capsys)
+    code, cap = run_cli(args, capsys)
     assert code == 0, cap.err
     (line,) = (out / "predictions.jsonl").read_text().splitlines()
     assert json.loads(line)["prompt"] == "<image>\nIs this a CT?\nAnswer: "
@@ -211,13 +202,13 @@ def test_predict_cli_on_the_dicom_series_nifti_and_png(tiny, tmp_path, capsys):
 
     png = tmp_path / "slice.png"
     Image.fromarray((np.arange(64 * 48).reshape(48, 64) % 255).astype(np.uint8)).save(png)
-    code, cap = _run_cli(["predict", str(png), "--model", str(tiny["detection"]), "--out",
+    code, cap = run_cli(["predict", str(png), "--model", str(tiny["detection"]), "--out",
                           str(tmp_path / "png"), "--max-new-tokens", "3"], capsys)  # fmt: skip
     assert code == 0, cap.err
     rec = json.loads((tmp_path / "png" / "predictions.jsonl").read_text())
     assert (rec["width"], rec["height"]) == (64, 48)
 
-    code, cap = _run_cli(["predict", str(SERIES), "--model", str(tiny["detection"]), "--out",
+    code, cap = run_cli(["predict", str(SERIES), "--model", str(tiny["detection"]), "--out",
                           str(tmp_path / "bad"), "--slice", "40"], capsys)  # fmt: skip
     assert code == 1 and "out of range" in cap.err
 
@@ -229,16 +220,16 @@ def test_predict_cli_exports_dicom_seg_and_sr(tiny, tmp_path, monkeypatch, capsy
     mask[80:150, 30:120] = True
     _script(monkeypatch, lambda ex: Generated("The <seg>liver</seg> is normal.", [1], masks=[mask]))
     base = ["predict", str(SERIES), "--model", str(tiny["segmentation"]), "--slice", "10"]
-    code, cap = _run_cli([*base, "--out", str(tmp_path / "seg"), "--export", "dicom-seg"], capsys)
+    code, cap = run_cli([*base, "--out", str(tmp_path / "seg"), "--export", "dicom-seg"], capsys)
     assert code == 0, cap.err
     seg = hd.seg.segread(tmp_path / "seg" / "grounded_segmentation.dcm")
     assert seg.number_of_segments == 1
     assert seg.get_segment_description(1).segment_label == "liver"
-    code, cap = _run_cli([*base, "--out", str(tmp_path / "sr"), "--export", "dicom-sr"], capsys)
+    code, cap = run_cli([*base, "--out", str(tmp_path / "sr"), "--export", "dicom-sr"], capsys)
     assert code == 0, cap.err
     sr = hd.sr.srread(tmp_path / "sr" / "grounded_report_sr.dcm")
     assert "liver" in str(sr.ContentSequence)
 
     _script(monkeypatch, lambda ex: Generated("Nothing to see.", [1]))
-    code, cap = _run_cli([*base, "--out", str(tmp_path / "none"), "--export", "dicom-sr"], capsys)
+    code, cap = run_cli([*base, "--out", str(tmp_path / "none"), "--export", "dicom-sr"], capsys)
     assert code == 1 and "nothing to export" in cap.err
