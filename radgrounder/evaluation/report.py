@@ -251,12 +251,17 @@ def _metric_tables(summary: dict[str, Any]) -> str:
         parts.append(_table(["metric", "mean", level, "n"], rows, "metrics"))
     corpus = summary.get("corpus") or {}
     if corpus:
+        # {subset: {metric: value}} as the runner writes it; a flat {metric: value} also works
+        nested = {k: v for k, v in corpus.items() if isinstance(v, dict)}
+        flat = {k: v for k, v in corpus.items() if not isinstance(v, dict)}
+        rows = [[(_esc(k), ""), ("", ""), (_fmt(v), "num")] for k, v in flat.items()]
+        rows += [
+            [(_esc(metric), ""), (_esc(subset), ""), (_fmt(v), "num")]
+            for subset, values in nested.items()
+            for metric, v in values.items()
+        ]
         parts.append("<h3>Corpus-level</h3>")
-        parts.append(
-            _table(
-                ["metric", "value"], [[(_esc(k), ""), (_fmt(v), "num")] for k, v in corpus.items()]
-            )
-        )
+        parts.append(_table(["metric", "subset", "value"], rows))
     m50 = summary.get("map50")
     if isinstance(m50, dict) and m50.get("map50") is not None:
         parts.append("<h3>Detection</h3>")

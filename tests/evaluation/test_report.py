@@ -91,7 +91,7 @@ def _summary(**over: Any) -> dict[str, Any]:
             "closed": {"accuracy": {"mean": 0.75, "low": 0.7149, "high": 0.7851, "n": 484}},
             "language=de": {"f1": {"mean": 0.4, "low": 0.3, "high": 0.5, "n": 12}},
         },
-        "corpus": {"bleu1": 0.41, "bleu4": 0.12},
+        "corpus": {"all": {"bleu1": 0.41, "bleu4": 0.12}, "open": {"bleu1": 0.3, "bleu4": 0.1}},
         "map50": None,
         "judge": None,
         "failures": [],
@@ -213,7 +213,12 @@ def test_summary_tables_show_means_with_ci_for_every_subset(tmp_path: Path) -> N
     assert ["f1", "0.312", "[0.250, 0.370]", "251"] in tables["Subset: open"]
     assert ["accuracy", "0.750", "[0.715, 0.785]", "484"] in tables["Subset: closed"]
     assert ["f1", "0.400", "[0.300, 0.500]", "12"] in tables["Subset: language=de"]
-    assert tables["Corpus-level"][1:] == [["bleu1", "0.410"], ["bleu4", "0.120"]]
+    assert tables["Corpus-level"][1:] == [
+        ["bleu1", "all", "0.410"],
+        ["bleu4", "all", "0.120"],
+        ["bleu1", "open", "0.300"],
+        ["bleu4", "open", "0.100"],
+    ]
     assert "Detection" not in tables  # map50 is null
     judge_rows = dict(map(tuple, tables["LLM judge"][1:]))
     assert judge_rows["ok"] == "730" and judge_rows["unparseable"] == "3"
