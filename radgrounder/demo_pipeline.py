@@ -32,6 +32,20 @@ class DemoResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def _evaluate_afresh(model: Any, ds: Any, run_dir: Path, opts: Any) -> Any:
+    """Evaluate into ``run_dir``; a rerun with other settings (more steps train another
+    model, another --eval-limit) starts that evaluation afresh instead of being refused."""
+    import shutil
+
+    from radgrounder.evaluation.runner import DifferentRunError, evaluate
+
+    try:
+        return evaluate(model, ds, run_dir, opts)
+    except DifferentRunError:
+        shutil.rmtree(run_dir)
+        return evaluate(model, ds, run_dir, opts)
+
+
 def _train_config(data: Path, out: Path, config: Path, max_steps: int | None):
     from radgrounder.training import load_config
 
@@ -74,7 +88,7 @@ def run_pipeline(
     from radgrounder.evaluation.baseline import MeanBoxBaseline
     from radgrounder.evaluation.compare import compare_runs
     from radgrounder.evaluation.datasets import open_dataset
-    from radgrounder.evaluation.runner import EvalOptions, evaluate
+    from radgrounder.evaluation.runner import EvalOptions
     from radgrounder.inference import Predictor
     from radgrounder.inference.outputs import run_predict
     from radgrounder.labels.build import BuildOptions, build_dataset
@@ -117,8 +131,8 @@ def run_pipeline(
     ds = open_dataset("built", out / "dataset", split="test", tasks=["grounded-report"])
     opts = EvalOptions(max_new_tokens=max_new_tokens, batch_size=16, limit=eval_limit,
                        n_examples=6, meteor=False)  # fmt: skip
-    run = evaluate(model, ds, out / "eval" / "model", opts)
-    base = evaluate(MeanBoxBaseline(out / "dataset"), ds, out / "eval" / "baseline", opts)
+    run = _evaluate_afresh(model, ds, out / "eval" / "model", opts)
+    base = _evaluate_afresh(MeanBoxBaseline(out / "dataset"), ds, out / "eval" / "baseline", opts)
     diff = compare_runs(out / "eval" / "model", out / "eval" / "baseline")
     for name in EVAL_METRICS:
         m = run.summary["metrics"]["all"].get(name)

@@ -88,3 +88,8 @@ def test_demo_pipeline_end_to_end_quick(tmp_path):
     assert len(parser.srcs) >= 6
     for src in parser.srcs:
         assert (out / src).is_file(), src
+
+    # A rerun resumes every stage; a changed evaluation setting starts that evaluation afresh.
+    again = run_pipeline(tmp_path, max_steps=3, eval_limit=5, max_new_tokens=6)
+    assert again.summary["model"]["dataset"]["n"] == 5
+    assert again.summary["baseline"]["dataset"]["n"] == 5

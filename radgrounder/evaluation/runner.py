@@ -44,6 +44,10 @@ STRING_COLUMNS = (
 )  # fmt: skip
 
 
+class DifferentRunError(RadGrounderError):
+    """The output folder holds an evaluation of another model, dataset or settings."""
+
+
 @dataclass
 class EvalOptions:
     """Settings of one evaluation run (the CLI flags of ``radgrounder eval``)."""
@@ -111,7 +115,7 @@ def _check_out(out: Path, identity: dict[str, Any]) -> None:
         old_gen = {k: v for k, v in old.get("generation", {}).items() if k != "batch_size"}
         if same != old_same or gen != old_gen:
             diff = sorted(k for k in identity if identity.get(k) != old.get(k))
-            raise RadGrounderError(
+            raise DifferentRunError(
                 f"the folder holds a different evaluation ({', '.join(diff)} differ); "
                 "use another --out or delete it",
                 path=out,
