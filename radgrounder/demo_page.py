@@ -163,7 +163,10 @@ def write_demo_page(
         '<a href="eval/model/report.html">model report</a>, '
         '<a href="eval/baseline/report.html">baseline report</a>.</p>',
         _metrics_table(model_run, baseline_run, comparison),
-        f"<p>{_verdict(comparison)} CIDEr weighs n-grams by how rare they are among the "
+        f"<p>{_verdict(comparison)} Grounding IoU also asks whether the right phrases are "
+        "grounded at all (missing and extra phrases score 0); the baseline is handed the "
+        "reference phrases, so on that metric it marks the ceiling of perfect wording rather "
+        "than a competitor. CIDEr weighs n-grams by how rare they are among the "
         "references; the reports of one scan repeat the same sentences on every slice, so "
         "most n-grams get no weight and CIDEr stays near 0 here.</p>",
     ]
