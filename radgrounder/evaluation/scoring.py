@@ -22,7 +22,8 @@ from radgrounder.evaluation.metrics import (
     rouge_l,
     token_f1,
 )
-from radgrounder.grounding import Box, box_iou
+from radgrounder.grounding import Box, box_iou, union_box
+from radgrounder.imaging import resize_nearest
 
 TEXT_METRICS = ("f1", "accuracy", "recall", "cider", "bleu1", "bleu4", "rouge_l")
 GROUNDING_METRICS = (
@@ -38,14 +39,6 @@ NAN = float("nan")
 
 def _overlap(a: Any, b: Any) -> float:
     return box_iou(a, b) if isinstance(a, Box) else mask_iou(a, b)
-
-
-def _resized(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if mask.shape == shape:
-        return mask
-    rows = (np.arange(shape[0]) * mask.shape[0] // shape[0]).clip(0, mask.shape[0] - 1)
-    cols = (np.arange(shape[1]) * mask.shape[1] // shape[1]).clip(0, mask.shape[1] - 1)
-    return mask[rows][:, cols]
 
 
 def score_grounding(
@@ -68,7 +61,7 @@ def score_grounding(
     """
     if pred and ref and not isinstance(pred[0][1], Box):
         shape = ref[0][1].shape
-        pred = [(k, _resized(np.asarray(m, bool), shape), i) for k, m, i in pred]
+        pred = [(k, resize_nearest(np.asarray(m, bool), *shape), i) for k, m, i in pred]
     p = [(k, r) for k, r, _ in pred]
     g = [(k, r) for k, r, _ in ref]
     ours = grounding_iou(p, g, matcher, denominator="max", overlap=_overlap, clamp=True)
@@ -183,8 +176,7 @@ def detection_map(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
                     continue
                 cid = int(span["class_id"])
                 names.setdefault(cid, span.get("class_name") or str(cid))
-                arr = np.asarray(span["boxes"], float).reshape(-1, 4)
-                box = Box.clipped(*arr[:, :2].min(0), *arr[:, 2:].max(0))
+                box = union_box(Box(*b) for b in span["boxes"])
                 if side == "pred_spans":
                     target.append((rec["id"], cid, box, 1.0))
                 else:

@@ -18,6 +18,7 @@ from radgrounder.imaging.normalize import (
     preprocess_rgb_image,
     preprocess_slice,
     resize_bilinear,
+    resize_nearest,
 )
 from radgrounder.imaging.raster import IMAGE_SUFFIXES, read_image
 from radgrounder.imaging.volume import CANONICAL_ORIENTATION, Slice, Volume, to_canonical
@@ -45,5 +46,6 @@ __all__ = [
     "read_label_map",
     "read_nifti",
     "resize_bilinear",
+    "resize_nearest",
     "to_canonical",
 ]

@@ -159,6 +159,15 @@ def resize_bilinear(chw: np.ndarray, size: int = 224) -> np.ndarray:
     return out[0].numpy()
 
 
+def resize_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of a 2-D mask to (height, width), as the reference resizes
+    label masks: output row r takes input row ``r * H_in // height`` (columns alike)."""
+    mask = np.asarray(mask)
+    rows = (np.arange(height) * mask.shape[0] // height).clip(0, mask.shape[0] - 1)
+    cols = (np.arange(width) * mask.shape[1] // width).clip(0, mask.shape[1] - 1)
+    return mask[rows][:, cols]
+
+
 def _to_three(chw: np.ndarray) -> np.ndarray:
     return np.repeat(chw, 3, axis=0) if chw.shape[0] == 1 else chw
 

@@ -39,14 +39,6 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _display(sl: Slice, window: str) -> np.ndarray:
-    if sl.is_rgb:
-        return np.clip(np.rint(sl.pixels), 0, 255).astype(np.uint8)
-    if sl.modality is None:  # a grey picture: stretch, as display_image does for MR
-        return display_image(sl.pixels, "MR")
-    return display_image(sl.pixels, sl.modality, preset=window)
-
-
 def select_slices(volume: Volume, slice_index: int | None, all_slices: bool) -> list[int]:
     """The slices to predict: all, the given one, or the middle one."""
     if all_slices and slice_index is not None:
@@ -85,7 +77,9 @@ def write_predictions(
             rel = f"overlays/{tag}.png"
             names = load_schema().display_names(pred.language)
             title = f"{Path(pred.source or '').name} {tag} - {pred.task}"
-            pic = render_overlay(_display(sl, window), pred.grounded, display_names=names,
+            # RGB pictures as they are; grey ones without a modality stretched like MR
+            shown = display_image(sl.pixels, sl.modality, preset=window)
+            pic = render_overlay(shown, pred.grounded, display_names=names,
                                  title=title)  # fmt: skip
             buf = io.BytesIO()
             pic.save(buf, format="PNG")
@@ -144,18 +138,13 @@ def run_predict(
 
 def _export(kind: str, series_dir: Path, volume: Volume, preds: Sequence[Any], out: Path) -> Path:
     from radgrounder.inference import dicom_export as dx
+    from radgrounder.inference.series import span_pixel_box
 
     if kind == "dicom-sr":
         findings = []
         for p in preds:
             for span in p.grounded.spans:
-                box = None
-                if span.boxes:
-                    arr = np.array([b.to_pixels(p.width, p.height) for b in span.boxes])
-                    box = (*arr[:, :2].min(0), *arr[:, 2:].max(0))
-                elif span.mask is not None and span.mask.any():
-                    r, c = np.nonzero(span.mask)
-                    box = (c.min(), r.min(), c.max() + 1, r.max() + 1)
+                box = span_pixel_box(span, p.width, p.height)
                 if box is not None:
                     findings.append(dx.Finding(span.label, p.slice_index,
                                                tuple(float(v) for v in box),

@@ -17,7 +17,14 @@ import numpy as np
 
 from radgrounder.errors import RadGrounderError
 from radgrounder.grounding import GroundedText, Span, codec
-from radgrounder.imaging import Slice, Volume, load_scan, preprocess_rgb_image, preprocess_slice
+from radgrounder.imaging import (
+    Slice,
+    Volume,
+    load_scan,
+    preprocess_rgb_image,
+    preprocess_slice,
+    resize_nearest,
+)
 from radgrounder.prompts import build_prompt
 from radgrounder.training.data import Example
 
@@ -127,14 +134,6 @@ def _ids(structures: Sequence[str | int], language: str) -> list[int]:
             )
         ids.extend(c for c in found if c not in ids)
     return ids
-
-
-def _resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest-neighbour resize of a model mask to the input grid."""
-    mask = np.asarray(mask, bool)
-    rows = (np.arange(height) * mask.shape[0] // height).clip(0, mask.shape[0] - 1)
-    cols = (np.arange(width) * mask.shape[1] // width).clip(0, mask.shape[1] - 1)
-    return mask[rows][:, cols]
 
 
 def _join(parts: Sequence[GroundedText], sep: str = "\n") -> GroundedText:
@@ -300,7 +299,11 @@ class Predictor:
         g = codec("radgrounder-segment").decode(text, masks)
         spans: list[Span] = []
         for s in g.spans:
-            mask = None if s.mask is None else _resize_mask(s.mask, p.height, p.width)
+            mask = (
+                None
+                if s.mask is None
+                else resize_nearest(np.asarray(s.mask, bool), p.height, p.width)
+            )
             names = lookup(s.label, p.example.language)
             cls = schema.by_name(names[0]) if len(names) == 1 else None
             spans.append(

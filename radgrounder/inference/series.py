@@ -81,7 +81,7 @@ class SeriesPrediction:
         }
 
 
-def _pixel_box(span: Any, width: int, height: int) -> tuple[float, float, float, float] | None:
+def span_pixel_box(span: Any, width: int, height: int) -> tuple[float, float, float, float] | None:
     """(x1, y1, x2, y2) in pixels (exclusive max) from the span's boxes, else its mask."""
     if span.boxes:
         arr = np.array([b.to_pixels(width, height) for b in span.boxes], float)
@@ -111,7 +111,7 @@ def aggregate_structures(
         if pred.slice_index is None:
             raise RadGrounderError("aggregate_structures: every prediction needs a slice_index")
         for span in pred.grounded.spans:
-            box = _pixel_box(span, pred.width, pred.height)
+            box = span_pixel_box(span, pred.width, pred.height)
             if box is None:
                 continue
             key = span.class_name or span.label.strip().lower()

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from radgrounder.errors import RadGrounderError
-from radgrounder.imaging import preprocess_rgb_image, preprocess_slice
+from radgrounder.imaging import preprocess_rgb_image, preprocess_slice, resize_nearest
 from radgrounder.labels.dataset import GroundedDataset, decode_image, decode_labels
 from radgrounder.labels.regions import group_mask
 from radgrounder.prompts import build_prompt
@@ -46,11 +46,8 @@ class Example:
 
 
 def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Nearest-neighbour resize, as the reference does for label masks."""
-    h, w = mask.shape
-    rows = (np.arange(size) * h // size).clip(0, h - 1)
-    cols = (np.arange(size) * w // size).clip(0, w - 1)
-    return mask[rows][:, cols]
+    """Nearest-neighbour resize to the square model grid, as the reference does."""
+    return resize_nearest(mask, size, size)
 
 
 class BuiltSource:
