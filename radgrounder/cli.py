@@ -350,6 +350,8 @@ def train(
 
     cfg = load_config(config, list(ctx.args))
     result = run_training(cfg, progress=not quiet)
+    if not result.main_process:
+        return
     msg = f"trained {result.steps} steps, last loss {result.last_loss:.4f}"
     if result.eval_loss is not None:
         msg += f", held-out loss {result.eval_loss:.4f}"

@@ -78,6 +78,8 @@ class DataConfig:
     preset: str = "reference"
     image_size: int = 224
     augment: bool = False
+    num_workers: int = 2  # DataLoader worker processes per rank (0: prepare in the main process)
+    prefetch_factor: int = 2  # micro-batches each worker prepares ahead
     build: BuildConfig = field(default_factory=BuildConfig)
 
 
@@ -97,8 +99,11 @@ class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     max_steps: int = 100
-    batch_size: int = 4
-    grad_accum: int = 1
+    # The experiment's batch: samples per optimizer step over all processes. Gradient
+    # accumulation is derived from it: global_batch_size / (batch_size x world size).
+    global_batch_size: int | None = None
+    batch_size: int = 4  # per-device micro-batch
+    grad_accum: int | None = None  # only without global_batch_size: per-process accumulation
     eval_batch_size: int = 8
     eval_every: int = 50
     eval_samples: int = 64
@@ -109,6 +114,7 @@ class TrainConfig:
     seg_loss_weight: float = 0.1
     seg_loss_scaling: str = "mean"  # mean (per optimizer step) | reference (summed, spec §3.3)
     max_target_tokens: int | None = None
+    loss_chunk_tokens: int = 1024  # LM head + loss over target positions, this many at a time
     wandb_project: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -235,7 +241,21 @@ def _validate(cfg: TrainConfig) -> None:
             "cosine, linear or constant",
         ),
         (cfg.max_steps > 0, "max_steps", "a positive number"),
-        (cfg.batch_size > 0 and cfg.grad_accum > 0, "batch_size/grad_accum", "positive"),
+        (cfg.batch_size > 0, "batch_size", "a positive number"),
+        (cfg.grad_accum is None or cfg.grad_accum > 0, "grad_accum", "a positive number"),
+        (
+            cfg.global_batch_size is None or cfg.global_batch_size > 0,
+            "global_batch_size",
+            "a positive number",
+        ),
+        (
+            cfg.global_batch_size is None or cfg.grad_accum is None,
+            "grad_accum",
+            "unset when global_batch_size is set (it is derived from the world size)",
+        ),
+        (cfg.loss_chunk_tokens > 0, "loss_chunk_tokens", "a positive number"),
+        (cfg.data.num_workers >= 0, "data.num_workers", "0 or more"),
+        (cfg.data.prefetch_factor > 0, "data.prefetch_factor", "a positive number"),
         (cfg.data.temperature > 0, "data.temperature", "positive"),
     ]
     for ok, field_name, expected in checks:
@@ -253,3 +273,24 @@ def _validate(cfg: TrainConfig) -> None:
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """``(grad_accum, global_batch_size)`` for ``world_size`` processes.
+
+    With ``global_batch_size`` the experiment is fixed and accumulation adapts to the world
+    size; a global batch that ``batch_size x world_size`` does not divide is refused.
+    """
+    per_step = cfg.batch_size * world_size
+    if cfg.global_batch_size is None:
+        accum = cfg.grad_accum or 1
+        return accum, per_step * accum
+    if cfg.global_batch_size % per_step:
+        total = cfg.global_batch_size
+        fits = [b for b in range(1, cfg.batch_size + 1) if total % (b * world_size) == 0]
+        hint = f"; per-device batch sizes that fit: {fits}" if fits else ""
+        raise RadGrounderError(
+            f"config.global_batch_size: {cfg.global_batch_size} is not divisible by "
+            f"batch_size x processes = {cfg.batch_size} x {world_size} = {per_step}{hint}"
+        )
+    return cfg.global_batch_size // per_step, cfg.global_batch_size

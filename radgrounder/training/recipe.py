@@ -1,18 +1,24 @@
-"""The training recipe, top to bottom: model, data, optimiser, loop, checkpoints, final model.
+"""The training recipe, top to bottom: engine, model, data, optimiser, loop, checkpoints, export.
 
-Loss (spec §1.2, §3.3, §6.5): language-model cross-entropy on target tokens only, summed and
-divided by the target-token count of the whole accumulation window, so accumulation does not
-change the objective; for the segmentation variant plus weight · (BCE + Dice). With
-``seg_loss_scaling: mean`` the mask term is averaged over the window's micro-batches that carry
-masks; ``reference`` sums it over them, as the reference's Trainer did.
+The distributed engine (``engine.make_accelerator``: one process, DDP, FSDP or DeepSpeed, chosen
+by the launcher) does accumulation, gradient sync, sharded state and checkpoints; this file
+only states the experiment.
+
+Loss (spec §1.2, §3.3, §6.5): language-model cross-entropy on target tokens only, summed over
+the whole accumulation window on every rank and divided by that window's target-token count, so
+neither accumulation nor the number of processes changes the objective. The segmentation
+variant adds ``seg_loss_weight · (BCE + Dice)``: with ``seg_loss_scaling: mean`` averaged over
+every mask of the window (again the same for any layout of the global batch); ``reference``
+takes each micro-batch's mean and sums them, as the reference's Trainer did, so its weight
+grows with accumulation.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +26,25 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from radgrounder.errors import RadGrounderError
 from radgrounder.fileio import atomic_write_json
+from radgrounder.training.checkpoints import (
+    agree_on_resume_step,
+    checkpoint_dir,
+    save_checkpoint,
+    take_run_lock,
+)
 from radgrounder.training.collate import image_seq_length, make_batch
 from radgrounder.training.config import TrainConfig, config_to_dict
 from radgrounder.training.data import Mixture, make_source
+from radgrounder.training.engine import make_accelerator, requested_engine
+from radgrounder.training.loader import make_loader
+from radgrounder.training.objective import TrainingObjective
 from radgrounder.training.setup import build_model, ensure_dataset, make_optimizer, trainable_report
 
 IGNORE = -100
+TASKS = ("grounded-report", "grounded-vqa", "report", "vqa")
 
 
 @dataclass
@@ -39,29 +54,7 @@ class TrainResult:
     steps: int
     last_loss: float
     eval_loss: float | None
-
-
-def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed cross-entropy and target-token counts (shifted, labels != -100)."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    ce = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="none",
-    )
-    ce = ce.view(shift_labels.shape)
-    return ce.sum(1), (shift_labels != IGNORE).sum(1)
-
-
-def _forward(model: torch.nn.Module, batch: dict[str, Any], segmentation: bool):
-    kwargs = {
-        k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")
-    }
-    if segmentation and "seg_token_pos" in batch:
-        kwargs["seg_token_pos"] = batch["seg_token_pos"]
-    return model(**kwargs)
+    main_process: bool = True
 
 
 def _set_seed(seed: int) -> None:
@@ -70,51 +63,12 @@ def _set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
-def _save_checkpoint(
-    out: Path, step: int, model, optimizer, scheduler, keep: int, accelerator
-) -> None:
-    final = out / "checkpoints" / f"step-{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {
-        "step": step,
-        "model": {k: v for k, v in accelerator.unwrap_model(model).state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-        },
-    }
-    torch.save(state, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)  # a checkpoint folder exists only once complete
-    for old in _checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> int:
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    accelerator.unwrap_model(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    return int(state["step"])
-
-
 class _Logger:
     def __init__(self, out: Path, cfg: TrainConfig, main: bool) -> None:
         self.main = main
         self.path = out / "logs" / "train.jsonl"
         self.tb = None
+        self.wandb = None
         if main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -123,7 +77,6 @@ class _Logger:
                 self.tb = SummaryWriter(str(out / "logs" / "tensorboard"))
             except ImportError:
                 self.tb = None
-            self.wandb = None
             if cfg.wandb_project:
                 import wandb  # optional extra
 
@@ -139,7 +92,7 @@ class _Logger:
                 if isinstance(v, int | float) and k != "step":
                     self.tb.add_scalar(k, v, record["step"])
             self.tb.flush()
-        if getattr(self, "wandb", None) is not None:
+        if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 
     def truncate_after(self, step: int) -> None:
@@ -156,21 +109,30 @@ class _Logger:
 
 @torch.no_grad()
 def evaluate(
-    model,
+    objective,
     tokenizer,
-    examples,
+    examples_for,
+    n_examples: int,
     cfg: TrainConfig,
     n_image_tokens: int,
     seg_token_id: int | None,
     accelerator,
 ) -> dict[str, float]:
-    """Mean target-token loss over held-out examples, overall and per task."""
-    model.eval()
-    totals: dict[str, list[float]] = {}
-    for i in range(0, len(examples), cfg.eval_batch_size):
-        chunk = examples[i : i + cfg.eval_batch_size]
+    """Mean target-token loss over held-out examples, overall and per task.
+
+    Sharded: each rank scores its slice of every ``eval_batch_size x world`` block and the
+    sums are reduced. A rank with nothing left in the last block still runs one (discarded)
+    forward, because a sharded engine's forward is a collective.
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sums = torch.zeros(2 * len(TASKS) + 2, dtype=torch.float64, device=accelerator.device)
+    bs = cfg.eval_batch_size
+    objective.eval()
+    for block in range(0, n_examples, bs * world):
+        mine = list(range(block + rank * bs, min(block + (rank + 1) * bs, n_examples)))
+        weight = 1.0 if mine else 0.0
         batch = make_batch(
-            chunk,
+            [examples_for(i) for i in (mine or [0])],
             tokenizer,
             n_image_tokens=n_image_tokens,
             seg_token_id=seg_token_id,
@@ -178,53 +140,67 @@ def evaluate(
         )
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with accelerator.autocast():
-            out = _forward(model, batch, seg_token_id is not None)
-        sums, counts = _token_losses(out.logits, batch["labels"])
-        for task, s, c in zip(batch["tasks"], sums.tolist(), counts.tolist(), strict=True):
-            for key in ("all", task):
-                acc = totals.setdefault(key, [0.0, 0.0])
-                acc[0] += s
-                acc[1] += c
-    model.train()
-    return {
-        f"eval_loss/{k}" if k != "all" else "eval_loss": v[0] / max(v[1], 1)
-        for k, v in totals.items()
-    }
-
-
-def _reset_single_process_state() -> None:
-    """Let one Python process run several trainings with different precision settings.
-
-    accelerate keeps its state in a process-wide singleton; a launched (distributed) run
-    keeps it, a plain single process starts clean each time.
-    """
-    import os
-
-    from accelerate.state import AcceleratorState
-
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        AcceleratorState._reset_state(reset_partial_state=True)
+            out = objective(**batch)
+        rows = zip(batch["tasks"], out["lm_sums"].tolist(), out["counts"].tolist(), strict=True)
+        for task, s, c in rows:
+            k = TASKS.index(task)
+            sums[2 * k] += weight * s
+            sums[2 * k + 1] += weight * c
+            sums[-2] += weight * s
+            sums[-1] += weight * c
+    objective.train()
+    sums = accelerator.reduce(sums, "sum").tolist()
+    metrics = {"eval_loss": sums[-2] / max(sums[-1], 1)}
+    for k, task in enumerate(TASKS):
+        if sums[2 * k + 1]:
+            metrics[f"eval_loss/{task}"] = sums[2 * k] / sums[2 * k + 1]
+    return metrics
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
-    """Run (or resume) the training described by ``cfg``."""
+    """Run (or resume) the training described by ``cfg`` on this launch's processes."""
     from radgrounder.modeling.generation import flush_denormals
 
     with flush_denormals():
         return _train(cfg, progress=progress)
 
 
+def _optimizer_steps(optimizer) -> int:
+    """The underlying torch optimizer's step counter (through accelerate/DeepSpeed wrappers)."""
+    inner = optimizer
+    for _ in range(4):
+        if isinstance(inner, torch.optim.Optimizer) and inner.state:
+            break
+        inner = getattr(inner, "optimizer", None)
+        if inner is None:
+            return -1
+    steps = [float(s["step"]) for s in inner.state.values() if "step" in s]
+    return int(max(steps)) if steps else 0
+
+
 def _train(cfg: TrainConfig, *, progress: bool) -> TrainResult:
-    from accelerate import Accelerator
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader forks workers
+    out = Path(cfg.output_dir)
+    accelerator, accum, global_batch = make_accelerator(cfg)
+    lock = take_run_lock(out, accelerator)
+    try:
+        return _run(cfg, out, accelerator, accum, global_batch, progress)
+    finally:
+        lock.release()
+
+
+def _run(cfg: TrainConfig, out: Path, accelerator, accum: int, global_batch: int, progress: bool):
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    out = Path(cfg.output_dir)
-    _reset_single_process_state()
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no")
-    main = accelerator.is_main_process
+    main, world = accelerator.is_main_process, accelerator.num_processes
+    rank = accelerator.process_index
     _set_seed(cfg.seed)
-    ensure_dataset(cfg)
-    model, tokenizer = build_model(cfg, out)
+    # The main process builds the dataset and the initial model first; the others then find
+    # them on disk (a shared filesystem for several nodes).
+    with accelerator.main_process_first():
+        ensure_dataset(cfg)
+        model, tokenizer = build_model(cfg, out)
+    _set_seed(cfg.seed + rank)  # dropout streams differ per rank; rank 0 is the 1-process run
     segmentation = cfg.model.variant == "segmentation"
     seg_token_id = tokenizer.convert_tokens_to_ids("</seg>") if segmentation else None
     n_image_tokens = image_seq_length(model.config)
@@ -236,7 +212,7 @@ def _train(cfg: TrainConfig, *, progress: bool) -> TrainResult:
         for s in cfg.data.sources
     ]
     mixture = Mixture(sources, [s.weight for s in cfg.data.sources], cfg.data.temperature, cfg.seed)
-    eval_examples = []
+    eval_example = None
     if cfg.data.eval_sources:
         eval_sources = [
             make_source(s, cfg.model.variant, preset=preset, size=size)
@@ -245,89 +221,113 @@ def _train(cfg: TrainConfig, *, progress: bool) -> TrainResult:
         eval_mix = Mixture(
             eval_sources, [s.weight for s in cfg.data.eval_sources], 1.0, cfg.seed + 1
         )
-        eval_examples = [
-            eval_mix.example(0, i, cfg.data.eval_prefix_style) for i in range(cfg.eval_samples)
-        ]
+
+        def eval_example(i: int):
+            return eval_mix.example(0, i, cfg.data.eval_prefix_style)
+
     optimizer, scheduler = make_optimizer(cfg, model)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    objective = TrainingObjective(model, segmentation=segmentation, chunk=cfg.loss_chunk_tokens)
+    loader = make_loader(
+        mixture,
+        tokenizer,
+        prefix_style=cfg.data.prefix_style,
+        max_steps=cfg.max_steps,
+        batch_size=cfg.batch_size,
+        grad_accum=accum,
+        world_size=world,
+        n_image_tokens=n_image_tokens,
+        seg_token_id=seg_token_id,
+        max_target_tokens=cfg.max_target_tokens,
+        num_workers=cfg.data.num_workers,
+        prefetch_factor=cfg.data.prefetch_factor,
+    )
+    sampler = loader.batch_sampler
+    objective, optimizer, scheduler, loader = accelerator.prepare(
+        objective, optimizer, scheduler, loader
+    )
     logger = _Logger(out, cfg, main)
     if main:
         atomic_write_json(out / "config.json", config_to_dict(cfg))
-        atomic_write_json(out / "trainable.json", trainable_report(accelerator.unwrap_model(model)))
-
-    start = 0
-    done = _checkpoints(out)
-    if done:
-        start = _load_checkpoint(done[-1], model, optimizer, scheduler, accelerator)
+        report = trainable_report(model)
+        report.update(
+            engine=accelerator.distributed_type.value.lower(),
+            processes=world,
+            batch_size=cfg.batch_size,
+            grad_accum=accum,
+            global_batch_size=global_batch,
+        )
+        atomic_write_json(out / "trainable.json", report)
+    start = agree_on_resume_step(out, accelerator)
+    if start:
+        accelerator.load_state(str(checkpoint_dir(out, start)))
         logger.truncate_after(start)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    model.train()
+    sampler.set_start(start)
+    if main and start < cfg.max_steps:
+        print(
+            f"radgrounder train: {requested_engine()} x {world} process(es), global batch "
+            f"{global_batch} = {cfg.batch_size} per device x {world} x {accum} accumulation; "
+            + (f"resuming after step {start}" if start else "starting at step 1"),
+            flush=True,
+        )
+    objective.train()
     last_loss, eval_loss, t0 = float("nan"), None, time.perf_counter()
-    columns = [
+    batches = iter(loader)
+    scale_ref = cfg.seg_loss_scaling == "reference"
+    columns = (
         TextColumn("[bold]train"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]}"),
         TimeRemainingColumn(),
-    ]
+    )
     with Progress(*columns, disable=not (progress and main)) as bar:
         task = bar.add_task("train", total=cfg.max_steps, completed=start, loss="-")
         for step in range(start + 1, cfg.max_steps + 1):
-            batches = []
-            for micro in range(cfg.grad_accum):
-                base = (micro * world + rank) * cfg.batch_size
-                examples = [
-                    mixture.example(step, base + j, cfg.data.prefix_style)
-                    for j in range(cfg.batch_size)
-                ]
-                batches.append(
-                    make_batch(
-                        examples,
-                        tokenizer,
-                        n_image_tokens=n_image_tokens,
-                        seg_token_id=seg_token_id,
-                        max_target_tokens=cfg.max_target_tokens,
-                    )
-                )
-            window = torch.tensor(
-                float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)),
+            window = [next(batches) for _ in range(accum)]
+            local = torch.tensor(
+                [
+                    sum(float((b["labels"][:, 1:] != IGNORE).sum()) for b in window),
+                    sum(float(len(b.get("seg_token_pos", ()))) for b in window),
+                ],
                 device=accelerator.device,
             )
-            window = accelerator.reduce(window, "sum") / world  # DDP averages gradients
-            n_mask_micro = max(1, sum("seg_token_pos" in b for b in batches))
-            stats = {"lm_sum": 0.0, "tokens": 0, "seg": 0.0, "per_task": {}}
-            for b in batches:
-                b = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in b.items()}
-                with accelerator.autocast():
-                    output = _forward(model, b, segmentation)
-                sums, counts = _token_losses(output.logits, b["labels"])
-                loss = sums.sum() / window.clamp(min=1)
-                mask_logits = getattr(output, "mask_logits", None)
-                if mask_logits is not None and "segment_gt" in b:
-                    from radgrounder.modeling import mask_loss
-
-                    bce, dice = mask_loss(mask_logits.squeeze(1).float(), b["segment_gt"])
-                    seg = bce + dice
-                    scale = 1.0 if cfg.seg_loss_scaling == "reference" else 1.0 / n_mask_micro
-                    loss = loss + cfg.seg_loss_weight * seg * scale
-                    stats["seg"] += float(seg.detach()) / n_mask_micro
-                accelerator.backward(loss)
-                stats["lm_sum"] += float(sums.detach().sum())
-                stats["tokens"] += int(counts.sum())
+            tokens, masks = accelerator.reduce(local, "sum").tolist()
+            # Each rank's gradient is divided by accum (accelerate/DeepSpeed) and averaged
+            # over ranks; scaling back makes the step's gradient that of the global sums.
+            factor = world * accum
+            stats = torch.zeros(2 * len(TASKS) + 1, dtype=torch.float64, device=accelerator.device)
+            grad_norm = None
+            for b in window:
+                with accelerator.accumulate(objective):
+                    with accelerator.autocast():
+                        o = objective(**b)
+                    loss = o["lm_sums"].sum() / max(tokens, 1) * factor
+                    if segmentation:
+                        if scale_ref:
+                            n_here = max(len(b.get("seg_token_pos", ())), 1)
+                            seg = o["seg_sum"] / n_here * accum
+                        else:
+                            seg = o["seg_sum"] / max(masks, 1) * factor
+                        loss = loss + cfg.seg_loss_weight * seg
+                        stats[-1] += float(o["seg_sum"].detach())
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(
+                            objective.parameters(), cfg.optim.max_grad_norm
+                        )
                 for name, s, c in zip(
-                    b["tasks"], sums.detach().tolist(), counts.tolist(), strict=True
+                    b["tasks"], o["lm_sums"].detach().tolist(), o["counts"].tolist(), strict=True
                 ):
-                    acc = stats["per_task"].setdefault(name, [0.0, 0])
-                    acc[0] += s
-                    acc[1] += c
-            grad_norm = accelerator.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], cfg.optim.max_grad_norm
-            )
+                    k = TASKS.index(name)
+                    stats[2 * k] += s
+                    stats[2 * k + 1] += c
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            lm = stats["lm_sum"] / max(stats["tokens"], 1)
-            last_loss = lm + cfg.seg_loss_weight * stats["seg"]
+            stats = accelerator.reduce(stats, "sum").tolist()
+            lm = sum(stats[0:-1:2]) / max(tokens, 1)
+            seg_mean = stats[-1] / max(masks, 1)
+            last_loss = lm + (cfg.seg_loss_weight * seg_mean if segmentation else 0.0)
             bar.update(task, completed=step, loss=f"{last_loss:.4f}")
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 record = {
@@ -335,36 +335,65 @@ def _train(cfg: TrainConfig, *, progress: bool) -> TrainResult:
                     "loss": last_loss,
                     "lm_loss": lm,
                     "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "target_tokens": stats["tokens"],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "target_tokens": int(tokens),
+                    "optimizer_step": _optimizer_steps(optimizer),
                     "elapsed_s": round(time.perf_counter() - t0, 3),
                 }
                 if segmentation:
-                    record["seg_loss"] = stats["seg"]
-                for name, (s, c) in sorted(stats["per_task"].items()):
-                    record[f"loss/{name}"] = s / max(c, 1)
-                    record[f"tokens/{name}"] = c
+                    record["seg_loss"] = seg_mean
+                    record["masks"] = int(masks)
+                for k, name in enumerate(TASKS):
+                    if stats[2 * k + 1]:
+                        record[f"loss/{name}"] = stats[2 * k] / stats[2 * k + 1]
+                        record[f"tokens/{name}"] = int(stats[2 * k + 1])
                 logger.log(record)
-            if eval_examples and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            if eval_example and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 metrics = evaluate(
-                    model, tokenizer, eval_examples, cfg, n_image_tokens, seg_token_id, accelerator
+                    objective,
+                    tokenizer,
+                    eval_example,
+                    cfg.eval_samples,
+                    cfg,
+                    n_image_tokens,
+                    seg_token_id,
+                    accelerator,
                 )
                 eval_loss = metrics["eval_loss"]
                 logger.log({"step": step, **metrics})
-            if main and (step % cfg.save_every == 0 or step == cfg.max_steps):
-                _save_checkpoint(
-                    out, step, model, optimizer, scheduler, cfg.keep_checkpoints, accelerator
-                )
-            accelerator.wait_for_everyone()
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                save_checkpoint(out, step, accelerator, cfg.keep_checkpoints)
     final = out / "final"
-    if main:
-        from radgrounder.training.setup import export_final
-
-        export_final(accelerator.unwrap_model(model), tokenizer, final, cfg)
-    accelerator.wait_for_everyone()
+    _export(objective, tokenizer, final, cfg, out, accelerator)
     if math.isnan(last_loss) and start >= cfg.max_steps:
         last_loss = _last_logged(out, "loss")
-    return TrainResult(out, final, cfg.max_steps, last_loss, eval_loss)
+    return TrainResult(out, final, cfg.max_steps, last_loss, eval_loss, main)
+
+
+def _export(objective, tokenizer, final: Path, cfg: TrainConfig, out: Path, accelerator) -> None:
+    """Write the trained model where ``load_model`` reads it (LoRA merged first).
+
+    Engines that shard the parameters (FSDP, ZeRO-3) gather a full state dict on rank 0 (a
+    collective, so every rank takes part) and rank 0 loads it into a fresh model.
+    """
+    from accelerate.utils import DistributedType
+
+    from radgrounder.training.setup import export_final
+
+    kind = accelerator.distributed_type
+    sharded = kind == DistributedType.FSDP or (
+        kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    )
+    if sharded:
+        state = accelerator.get_state_dict(objective)
+        if accelerator.is_main_process:
+            model, _ = build_model(cfg, out)
+            inner = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+            model.load_state_dict(inner, strict=True)
+            export_final(model, tokenizer, final, cfg)
+    elif accelerator.is_main_process:
+        export_final(accelerator.unwrap_model(objective).model, tokenizer, final, cfg)
+    accelerator.wait_for_everyone()
 
 
 def _last_logged(out: Path, key: str) -> float:
