@@ -61,7 +61,12 @@ def make_accelerator(cfg: TrainConfig) -> tuple[Any, int, int]:
     if cpu and engine == "fsdp":
         from accelerate.utils import FullyShardedDataParallelPlugin
 
-        plugins["fsdp_plugin"] = FullyShardedDataParallelPlugin()
+        # torch's FSDP cannot broadcast module states from rank 0 on CPU, so on CPU processes
+        # every rank loads the (same) starting weights itself; the rest is as launched.
+        for name in ("FSDP_SYNC_MODULE_STATES", "FSDP_CPU_RAM_EFFICIENT_LOADING"):
+            os.environ[name] = "false"  # also read by transformers' from_pretrained
+        plugin = FullyShardedDataParallelPlugin()
+        plugins["fsdp_plugin"] = plugin
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision="bf16" if cfg.precision == "bf16" else "no",
@@ -88,6 +93,7 @@ def _keep_engine_on_cpu(accelerator: Any, engine: str, fsdp_plugin: Any) -> None
     from accelerate.utils import DeepSpeedPlugin, DistributedType
 
     state = accelerator.state
+    precision = accelerator.mixed_precision  # read before the switch (DeepSpeed reads its config)
     kind = DistributedType.FSDP if engine == "fsdp" else DistributedType.DEEPSPEED
     cpu = torch.device("cpu")
     # Both singletons: AcceleratorState re-reads PartialState whenever it is constructed.
@@ -95,13 +101,18 @@ def _keep_engine_on_cpu(accelerator: Any, engine: str, fsdp_plugin: Any) -> None
         s.distributed_type = kind
         s.device = cpu
     if engine == "fsdp":
+        # accelerate saves full-state-dict checkpoints with offload_to_cpu, which crashes
+        # torch's FSDP on CPU tensors (SIGSEGV): CPU processes keep sharded checkpoints.
+        if "FULL" in str(fsdp_plugin.state_dict_type):
+            log.warning("FSDP on CPU processes: checkpoints use SHARDED_STATE_DICT")
+            fsdp_plugin.set_state_dict_type("SHARDED_STATE_DICT")
         state.fsdp_plugin = fsdp_plugin
     else:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
         plugin = DeepSpeedPlugin()
-        plugin.set_mixed_precision(accelerator.mixed_precision)
+        plugin.set_mixed_precision(precision)
         plugin.select(_from_accelerator_state=True)
         state.deepspeed_plugins = plugin
     log.info("%s engine on CPU processes (gloo)", engine)

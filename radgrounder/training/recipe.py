@@ -384,8 +384,17 @@ def _export(objective, tokenizer, final: Path, cfg: TrainConfig, out: Path, acce
     sharded = kind == DistributedType.FSDP or (
         kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
     )
-    if sharded:
+    if kind == DistributedType.FSDP:
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        # accelerate's get_state_dict always offloads to CPU, which crashes on CPU processes.
+        full = FullStateDictConfig(offload_to_cpu=accelerator.device.type != "cpu", rank0_only=True)
+        with FSDP.state_dict_type(objective, StateDictType.FULL_STATE_DICT, full):
+            state = objective.state_dict()
+    elif sharded:
         state = accelerator.get_state_dict(objective)
+    if sharded:
         if accelerator.is_main_process:
             model, _ = build_model(cfg, out)
             inner = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}

@@ -43,6 +43,7 @@ def overrides(dataset, out, *extra):
         f"data.sources.0.path={dataset}",
         f"data.sources.1.path={dataset}",
         f"data.eval_sources.0.path={dataset}",
+        "global_batch_size=2",
         "batch_size=2",
         "max_target_tokens=24",
         "eval_samples=4",
