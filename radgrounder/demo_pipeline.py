@@ -125,7 +125,8 @@ def run_pipeline(
     console.rule("3/6 training a small detection model on CPU")
     t = time.perf_counter()
     cfg = _train_config(data, out, Path(config), max_steps)
-    console.print(f"{cfg.max_steps} steps of batch {cfg.global_batch_size or cfg.batch_size}; log in {out / 'train/logs'}")
+    batch = cfg.global_batch_size or cfg.batch_size
+    console.print(f"{cfg.max_steps} steps of batch {batch}; log in {out / 'train/logs'}")
     trained = train(cfg, progress=True)
     model = Path(trained.final_dir)
     seconds["train"] = time.perf_counter() - t
