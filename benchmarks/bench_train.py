@@ -1,18 +1,37 @@
-"""Training throughput: the reference's engine vs ours on the same model, data and batch.
+"""Training throughput: the reference's engine vs ours on the same model, data and batches.
 
 Prints JSON. (a) ``reference``: transformers' Trainer as the released configs use it (eager
 attention, gradient checkpointing, loss from the model's own ``labels`` path, padding to the
-longest sample). (b) ``ours``: the radgrounder recipe's step (SDPA where the architecture has
-it, no gradient checkpointing, loss on target tokens normalised per window). Both run the
-same examples in the same batches.
+longest sample). (b) ``ours``: the radgrounder training step, i.e. the model wrapped in
+``radgrounder.training.objective.TrainingObjective`` (SDPA attention, no gradient
+checkpointing, the LM head computed only at target positions, loss = summed target-token
+cross-entropy / target-token count of the batch). Both use AdamW, freeze the vision tower and
+clip gradients at 1.0.
 
-    .venv/bin/python benchmarks/bench_train.py --size tiny --steps 20          # CPU
-    python benchmarks/bench_train.py --size 3b --steps 30 --batch-size 8       # GPU
+Both engines are set up once (model loaded, optimizer built) and then timed interleaved on the
+same pre-built batches: one discarded warm-up round per engine, then ``--rounds`` rounds of
+``reference`` then ``ours``, each timing ``--steps`` optimizer steps. Reported per engine:
+samples/s of every round and their median; tokens/s and model TFLOP/s at the median. The
+ratio ours/reference is taken per round (same round, adjacent in time, so drift in machine
+load cancels as far as it can); its spread = (max - min) / median, and the run is marked
+``unstable`` when the spread exceeds ``UNSTABLE_SPREAD``: rerun on a quieter machine or with
+more ``--steps``. ``machine.loadavg_start``/``loadavg_end`` show what else was running.
 
-MFU (GPU only) = model FLOPs / (time x peak bf16 FLOPs of the device). Model FLOPs count the
-language model's forward and backward over every token (image tokens included), the frozen
-vision tower's forward, and attention scores; gradient-checkpointing recomputation is not
-counted as useful work.
+    .venv/bin/python benchmarks/bench_train.py --size tiny --steps 5 --batch-size 4   # CPU
+    python benchmarks/bench_train.py --size 3b --steps 10 --batch-size 8 --rounds 7   # GPU
+
+Memory: both models and optimizers are resident for the whole run. On CUDA each engine's
+``peak_memory_mb`` is the ``max_memory_allocated`` over its rounds (peak stats reset before
+every round), and ``resident_memory_mb`` what was allocated when its round started (both
+engines' weights and optimizer states); the difference is that engine's working memory. On
+CPU only the process-wide peak RSS (``ru_maxrss``) is available and is reported once.
+
+MFU (CUDA only) = model FLOPs / (time x peak bf16 FLOPs of the device). Model FLOPs count the
+language model's forward and backward over every token (image tokens included; the LM head
+over every position too, although ``ours`` computes it only at target positions), the frozen
+vision tower's forward, and attention scores. Both engines are credited with the same model
+FLOPs per batch, so their TFLOP/s ratio equals their throughput ratio; gradient-checkpointing
+recomputation is not counted as useful work.
 """
 
 from __future__ import annotations
@@ -22,21 +41,32 @@ import json
 import os
 import platform
 import resource
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from radgrounder.modeling import init_model, load_model
 from radgrounder.training.collate import image_seq_length, make_batch
 from radgrounder.training.data import Example
+from radgrounder.training.objective import TrainingObjective
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+MIN_ROUNDS = 5
+# A per-round ratio spread ((max - min) / median) above this marks the comparison unstable.
+UNSTABLE_SPREAD = 0.25
+
+Batch = dict[str, Any]
 
 
-def synthetic_examples(n: int, tokenizer, seed: int = 0) -> list[Example]:
+def synthetic_examples(n: int, seed: int = 0) -> list[Example]:
     """Grounded-report-shaped examples with realistic lengths (30-120 target tokens)."""
     rng = np.random.default_rng(seed)
     words = [
@@ -68,7 +98,7 @@ def synthetic_examples(n: int, tokenizer, seed: int = 0) -> list[Example]:
     return out
 
 
-def model_flops(model, batch) -> float:
+def model_flops(model: nn.Module, batch: Batch) -> float:
     cfg = model.config
     text, vision = cfg.text_config, cfg.vision_config
     n_vis = sum(p.numel() for p in model.model.vision_tower.parameters())
@@ -81,24 +111,30 @@ def model_flops(model, batch) -> float:
     return 6 * n_lm * tokens + 3 * attn + 2 * n_vis * n_img * b + vis_attn
 
 
-def peak_memory_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+@dataclass
+class Engine:
+    name: str
+    step: Callable[[Batch], None]
+    seconds: list[float] = field(default_factory=list)
+    peak_mb: list[float] = field(default_factory=list)
+    resident_mb: list[float] = field(default_factory=list)
 
 
-def run_reference(path: Path, batches, device, dtype) -> float:
-    """Forward/backward/step as the HF Trainer does it for the reference recipe."""
-    loaded = load_model(path, dtype=dtype, attn="eager")
-    model = loaded.model.to(device)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+def _trainable(model: nn.Module) -> torch.optim.Optimizer:
     for p in model.model.vision_tower.parameters():
         p.requires_grad = False
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+
+def reference_engine(path: Path, device: str, dtype: torch.dtype) -> Engine:
+    """Forward/backward/step as the HF Trainer does it for the reference recipe."""
+    model = load_model(path, dtype=dtype, attn="eager").model.to(device)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    opt = _trainable(model)
     model.train()
 
-    def step(batch):
+    def step(batch: Batch) -> None:
         out = model(
             input_ids=batch["input_ids"],
             pixel_values=batch["pixel_values"].to(dtype),
@@ -111,114 +147,171 @@ def run_reference(path: Path, batches, device, dtype) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return timed(step, batches, device)
+    return Engine("reference", step)
 
 
-def run_ours(path: Path, batches, device, dtype) -> float:
-    from radgrounder.training.recipe import _token_losses
+def ours_engine(path: Path, device: str, dtype: torch.dtype) -> Engine:
+    """The radgrounder step: the model under ``TrainingObjective``, SDPA, no checkpointing."""
+    model = load_model(path, dtype=dtype, attn="sdpa").model.to(device)
+    opt = _trainable(model)
+    objective = TrainingObjective(model, segmentation=False, chunk=1024)
+    objective.train()
 
-    loaded = load_model(path, dtype=dtype, attn="sdpa")
-    model = loaded.model.to(device)
-    for p in model.model.vision_tower.parameters():
-        p.requires_grad = False
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    model.train()
-
-    def step(batch):
+    def step(batch: Batch) -> None:
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            out = model(
+            out = objective(
                 input_ids=batch["input_ids"],
                 pixel_values=batch["pixel_values"],
                 attention_mask=batch["attention_mask"],
                 token_type_ids=batch["token_type_ids"],
+                labels=batch["labels"],
             )
-        sums, counts = _token_losses(out.logits, batch["labels"])
-        (sums.sum() / counts.sum()).backward()
+        (out["lm_sums"].sum() / out["counts"].sum()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return timed(step, batches, device)
+    return Engine("ours", step)
 
 
-def timed(step, batches, device) -> float:
-    step(batches[0])  # warm-up: allocator, kernels
+def run_round(engine: Engine, batches: list[Batch], device: str, record: bool) -> None:
+    """Time ``len(batches)`` steps of ``engine``; with ``record`` false (warm-up) discard it."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated() / 2**20
     start = time.perf_counter()
-    for batch in batches[1:]:
-        step(batch)
+    for batch in batches:
+        engine.step(batch)
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if not record:
+        return
+    engine.seconds.append(seconds)
+    if device == "cuda":
+        engine.peak_mb.append(torch.cuda.max_memory_allocated() / 2**20)
+        engine.resident_mb.append(resident)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def engine_report(
+    engine: Engine, batch_size: int, steps: int, tokens: float, flops: float, device: str
+) -> dict[str, Any]:
+    per_round = [steps * batch_size / s for s in engine.seconds]
+    median_s = statistics.median(engine.seconds)
+    entry: dict[str, Any] = {
+        "samples_per_s_rounds": [round(v, 3) for v in per_round],
+        "samples_per_s_median": round(steps * batch_size / median_s, 3),
+        "tokens_per_s": round(steps * tokens / median_s, 1),
+        "model_tflops_per_s": round(steps * flops / median_s / 1e12, 4),
+    }
+    if device == "cuda":
+        name_gpu = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16.items() if k in name_gpu), None)
+        entry["mfu"] = round(steps * flops / median_s / peak, 4) if peak else None
+        entry["peak_memory_mb"] = round(max(engine.peak_mb), 1)
+        entry["resident_memory_mb"] = round(max(engine.resident_mb), 1)
+    return entry
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="tiny", choices=("tiny", "3b"))
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", default="tiny", choices=("tiny", "small", "3b"))
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per timed round")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=7, help=f"timed rounds (>= {MIN_ROUNDS})")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.rounds < MIN_ROUNDS:
+        parser.error(f"--rounds must be at least {MIN_ROUNDS} (got {args.rounds})")
+    if args.steps < 1 or args.batch_size < 1:
+        parser.error("--steps and --batch-size must be positive")
+
+    loadavg_start = os.getloadavg()
+    torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if device == "cpu":
         torch.set_flush_denormal(True)
     with tempfile.TemporaryDirectory() as tmp:
         path = init_model(
-            args.size, "detection", Path(tmp) / "m", dtype="bfloat16" if args.size == "3b" else None
+            args.size,
+            "detection",
+            Path(tmp) / "m",
+            seed=args.seed,
+            dtype="bfloat16" if args.size == "3b" else None,
         )
         loaded = load_model(path)
         n_img = image_seq_length(loaded.config)
-        examples = synthetic_examples(args.batch_size * (args.steps + 1), loaded.tokenizer)
+        examples = synthetic_examples(args.batch_size * args.steps, seed=args.seed)
         batches = []
-        for i in range(args.steps + 1):
+        for i in range(args.steps):
             chunk = examples[i * args.batch_size : (i + 1) * args.batch_size]
             b = make_batch(chunk, loaded.tokenizer, n_image_tokens=n_img)
             batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
-        flops = float(np.mean([model_flops(loaded.model, b) for b in batches[1:]]))
-        tokens = float(np.mean([int(b["attention_mask"].sum()) for b in batches[1:]]))
+        flops = float(np.mean([model_flops(loaded.model, b) for b in batches]))
+        tokens = float(np.mean([int(b["attention_mask"].sum()) for b in batches]))
+        targets = float(np.mean([int((b["labels"] != -100).sum()) for b in batches]))
         del loaded
-        result = {}
-        for name, fn in (("reference", run_reference), ("ours", run_ours)):
-            seconds = fn(path, batches, device, dtype)
-            steps = len(batches) - 1
-            entry = {
-                "samples_per_s": round(steps * args.batch_size / seconds, 3),
-                "tokens_per_s": round(steps * tokens / seconds, 1),
-                "peak_memory_mb": round(peak_memory_mb(device), 1),
-                "model_tflops_per_s": round(steps * flops / seconds / 1e12, 4),
-            }
-            if device == "cuda":
-                name_gpu = torch.cuda.get_device_name()
-                peak = next((v for k, v in PEAK_BF16.items() if k in name_gpu), None)
-                entry["mfu"] = round(steps * flops / seconds / peak, 4) if peak else None
-            result[name] = entry
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    result["speedup_samples_per_s"] = round(
-        result["ours"]["samples_per_s"] / result["reference"]["samples_per_s"], 3
-    )
-    print(
-        json.dumps(
-            {
-                "size": args.size,
-                "batch_size": args.batch_size,
-                "steps": args.steps,
-                "device": device,
-                "device_name": torch.cuda.get_device_name()
-                if device == "cuda"
-                else platform.processor(),
-                "engines": result,
-                "machine": {
-                    "platform": platform.platform(),
-                    "cpus": os.cpu_count(),
-                    "torch": torch.__version__,
-                },
-            },
-            indent=2,
-        )
-    )
+        engines = [reference_engine(path, device, dtype), ours_engine(path, device, dtype)]
+
+    for engine in engines:
+        run_round(engine, batches, device, record=False)
+    for _ in range(args.rounds):
+        for engine in engines:
+            run_round(engine, batches, device, record=True)
+
+    reference, ours = engines
+    ratios = [r / o for r, o in zip(reference.seconds, ours.seconds, strict=True)]
+    ratio_median = statistics.median(ratios)
+    spread = (max(ratios) - min(ratios)) / ratio_median
+    result: dict[str, Any] = {
+        "size": args.size,
+        "batch_size": args.batch_size,
+        "steps_per_round": args.steps,
+        "rounds": args.rounds,
+        "seed": args.seed,
+        "device": device,
+        "mean_tokens_per_batch": tokens,
+        "mean_target_tokens_per_batch": targets,
+        "engines": {
+            e.name: engine_report(e, args.batch_size, args.steps, tokens, flops, device)
+            for e in engines
+        },
+        "ratio_rounds": [round(v, 3) for v in ratios],
+        "ratio": {
+            "median": round(ratio_median, 3),
+            "min": round(min(ratios), 3),
+            "max": round(max(ratios), 3),
+            "spread": round(spread, 3),
+        },
+        "unstable": spread > UNSTABLE_SPREAD,
+        "unstable_threshold": UNSTABLE_SPREAD,
+    }
+    if device == "cpu":
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["process_peak_rss_mb"] = round(rss_mb, 1)
+    result["machine"] = {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "platform": platform.platform(),
+        "loadavg_start": [round(v, 2) for v in loadavg_start],
+        "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+    }
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -109,21 +109,30 @@ class _Logger:
 
 @torch.no_grad()
 def evaluate(
-    objective,
+    model,
     tokenizer,
-    examples_for,
-    n_examples: int,
+    examples,
     cfg: TrainConfig,
     n_image_tokens: int,
     seg_token_id: int | None,
     accelerator,
+    n_examples: int | None = None,
 ) -> dict[str, float]:
     """Mean target-token loss over held-out examples, overall and per task.
 
-    Sharded: each rank scores its slice of every ``eval_batch_size x world`` block and the
-    sums are reduced. A rank with nothing left in the last block still runs one (discarded)
-    forward, because a sharded engine's forward is a collective.
+    ``model`` is a model or the (prepared) ``TrainingObjective``; ``examples`` a list of
+    examples or a function ``i -> example`` for ``i < n_examples``. Sharded: each rank scores
+    its slice of every ``eval_batch_size x world`` block and the sums are reduced. A rank with
+    nothing left in the last block still runs one (discarded) forward, because a sharded
+    engine's forward is a collective.
     """
+    if not isinstance(accelerator.unwrap_model(model), TrainingObjective):
+        model = TrainingObjective(model, segmentation=seg_token_id is not None)
+    if callable(examples):
+        examples_for = examples
+    else:
+        n_examples, examples_for = len(examples), examples.__getitem__
+    objective = model
     world, rank = accelerator.num_processes, accelerator.process_index
     sums = torch.zeros(2 * len(TASKS) + 2, dtype=torch.float64, device=accelerator.device)
     bs = cfg.eval_batch_size
@@ -353,11 +362,11 @@ def _run(cfg: TrainConfig, out: Path, accelerator, accum: int, global_batch: int
                     objective,
                     tokenizer,
                     eval_example,
-                    cfg.eval_samples,
                     cfg,
                     n_image_tokens,
                     seg_token_id,
                     accelerator,
+                    n_examples=cfg.eval_samples,
                 )
                 eval_loss = metrics["eval_loss"]
                 logger.log({"step": step, **metrics})

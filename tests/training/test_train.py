@@ -8,7 +8,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 import torch
 
 from radgrounder.grounding import codec
@@ -18,45 +17,7 @@ from radgrounder.training.collate import make_batch
 from radgrounder.training.config import SourceConfig
 from radgrounder.training.data import BuiltSource
 from radgrounder.training.setup import load_siglip_checkpoint, map_siglip_state_dict
-from tests.conftest import REPO
-
-TINY = REPO / "configs" / "tiny-cpu.yaml"
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from radgrounder.labels.build import BuildOptions, build_dataset
-    from tests.labels.test_build import REPORTS, small_layout
-
-    root = tmp_path_factory.mktemp("train-ds")
-    scans, labels = small_layout(root, ids=("ct_upper_abdomen", "ct_dicom_series"))
-    build_dataset(
-        scans, labels, REPORTS, root / "ds", BuildOptions(splits=(0.5, 0, 0.5)), progress=False
-    )
-    return root / "ds"
-
-
-def overrides(dataset, out, *extra):
-    return [
-        f"output_dir={out}",
-        "data.build.out=null",
-        f"data.sources.0.path={dataset}",
-        f"data.sources.1.path={dataset}",
-        f"data.eval_sources.0.path={dataset}",
-        "global_batch_size=2",
-        "batch_size=2",
-        "max_target_tokens=24",
-        "eval_samples=4",
-        "eval_batch_size=4",
-        "log_every=1",
-        "model.init=tiny",
-        *extra,
-    ]
-
-
-def losses(out):
-    lines = (out / "logs" / "train.jsonl").read_text().splitlines()
-    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+from tests.training.conftest import TINY, losses, overrides
 
 
 def test_train_checkpoints_and_the_final_model_loads_and_generates(dataset, tmp_path):
