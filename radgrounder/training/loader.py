@@ -13,13 +13,33 @@ starts at its step without replaying the ones before it. Worker processes prepar
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from radgrounder.training.collate import make_batch
 from radgrounder.training.data import Mixture
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Prepare data on one intra-op thread, as a worker process does.
+
+    torch's multi-threaded bilinear resize splits the image at thread-dependent points and
+    rounds a few pixels 1 ulp differently; on one thread the pixels are the same in the main
+    process, in a worker and on a machine with any number of cores.
+    """
+    n = torch.get_num_threads()
+    if n != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n != 1:
+            torch.set_num_threads(n)
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -56,7 +76,8 @@ class MixtureDataset(Dataset):
 
     def __getitem__(self, index: tuple[int, int]):
         step, slot = index
-        return self.mixture.example(step, slot, self.prefix_style)
+        with single_threaded():
+            return self.mixture.example(step, slot, self.prefix_style)
 
     def __len__(self) -> int:  # not used for sampling; the batch sampler decides
         return 0

@@ -39,7 +39,7 @@ from radgrounder.training.collate import image_seq_length, make_batch
 from radgrounder.training.config import TrainConfig, config_to_dict
 from radgrounder.training.data import Mixture, make_source
 from radgrounder.training.engine import make_accelerator, requested_engine
-from radgrounder.training.loader import make_loader
+from radgrounder.training.loader import make_loader, single_threaded
 from radgrounder.training.objective import TrainingObjective
 from radgrounder.training.setup import build_model, ensure_dataset, make_optimizer, trainable_report
 
@@ -232,7 +232,8 @@ def _run(cfg: TrainConfig, out: Path, accelerator, accum: int, global_batch: int
         )
 
         def eval_example(i: int):
-            return eval_mix.example(0, i, cfg.data.eval_prefix_style)
+            with single_threaded():
+                return eval_mix.example(0, i, cfg.data.eval_prefix_style)
 
     optimizer, scheduler = make_optimizer(cfg, model)
     objective = TrainingObjective(model, segmentation=segmentation, chunk=cfg.loss_chunk_tokens)

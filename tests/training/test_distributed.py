@@ -63,7 +63,9 @@ def env(engine: str) -> dict[str, str]:
     return e
 
 
-def run(engine: str, procs: int, args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+def run(
+    engine: str, procs: int, args: list[str], timeout: int = 400
+) -> subprocess.CompletedProcess:
     done = subprocess.run(
         command(engine, procs, args),
         env=env(engine),
