@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from radgrounder.errors import RadGrounderError
 from radgrounder.training.config import TrainConfig, batch_layout
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,13 @@ def make_accelerator(cfg: TrainConfig) -> tuple[Any, int, int]:
     if cpu and engine in ("fsdp", "deepspeed") and world > 1:
         _keep_engine_on_cpu(accelerator, engine, plugins.get("fsdp_plugin"))
     if accelerator.distributed_type.value == "DEEPSPEED":
+        plugin = accelerator.state.deepspeed_plugin
+        if plugin.zero_stage == 3 and plugin.zero3_init_flag:
+            raise RadGrounderError(
+                "DeepSpeed zero3_init_flag: true is not supported: every rank loads the model "
+                "and ZeRO-3 partitions it when training starts; set zero3_init_flag: false in "
+                "the launch file"
+            )
         _configure_deepspeed(accelerator, cfg, accum, global_batch)
     return accelerator, accum, global_batch
 
@@ -134,3 +144,27 @@ def _configure_deepspeed(accelerator: Any, cfg: TrainConfig, accum: int, global_
             log.warning("DeepSpeed config %s=%s overridden by the experiment: %s", key, old, value)
         ds[key] = value
     accelerator.gradient_accumulation_steps = accum
+
+
+@contextmanager
+def without_zero3_init(accelerator: Any) -> Iterator[None]:
+    """Build or load a whole model on each rank under DeepSpeed ZeRO-3.
+
+    With a ZeRO-3 config active, transformers constructs every model inside
+    ``deepspeed.zero.Init``, which partitions each parameter as it is created (a collective).
+    radgrounder loads the full model on every rank (rank 0 first, which may write the
+    initial checkpoint) and DeepSpeed partitions it in ``prepare``; the export rebuilds it on
+    rank 0 alone. ``zero3_init_flag: true`` is refused in ``make_accelerator``.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    keep = plugin.dschf
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(keep)

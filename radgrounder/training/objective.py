@@ -29,8 +29,10 @@ def _base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _head_loss(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, cap):
-    logits = F.linear(hidden, weight)
+def _head_loss(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, cap):
+    # The head is called as a module (not via its weight) so engines that gather parameters
+    # in module hooks (ZeRO-3) see it run.
+    logits = lm_head(hidden)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     return F.cross_entropy(logits.float(), targets, reduction="none")
@@ -56,11 +58,9 @@ def target_token_losses(
     for start in range(0, h.shape[0], chunk):
         part = (h[start : start + chunk], targets[start : start + chunk])
         if h.requires_grad and h.shape[0] > chunk:
-            per_token.append(
-                checkpoint(_head_loss, *part, lm_head.weight, softcap, use_reentrant=False)
-            )
+            per_token.append(checkpoint(_head_loss, *part, lm_head, softcap, use_reentrant=False))
         else:
-            per_token.append(_head_loss(*part, lm_head.weight, softcap))
+            per_token.append(_head_loss(*part, lm_head, softcap))
     batch = labels.shape[0]
     losses = torch.cat(per_token) if per_token else hidden.new_zeros(0, dtype=torch.float32)
     sums = torch.zeros(batch, dtype=torch.float32, device=hidden.device).index_add(0, rows, losses)

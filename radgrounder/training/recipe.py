@@ -38,10 +38,15 @@ from radgrounder.training.checkpoints import (
 from radgrounder.training.collate import image_seq_length, make_batch
 from radgrounder.training.config import TrainConfig, config_to_dict
 from radgrounder.training.data import Mixture, make_source
-from radgrounder.training.engine import make_accelerator, requested_engine
+from radgrounder.training.engine import make_accelerator, requested_engine, without_zero3_init
 from radgrounder.training.loader import make_loader, single_threaded
 from radgrounder.training.objective import TrainingObjective
-from radgrounder.training.setup import build_model, ensure_dataset, make_optimizer, trainable_report
+from radgrounder.training.setup import (
+    build_model,
+    ensure_dataset,
+    make_optimizer,
+    trainable_report,
+)
 
 IGNORE = -100
 TASKS = ("grounded-report", "grounded-vqa", "report", "vqa")
@@ -206,7 +211,7 @@ def _run(cfg: TrainConfig, out: Path, accelerator, accum: int, global_batch: int
     _set_seed(cfg.seed)
     # The main process builds the dataset and the initial model first; the others then find
     # them on disk (a shared filesystem for several nodes).
-    with accelerator.main_process_first():
+    with accelerator.main_process_first(), without_zero3_init(accelerator):
         ensure_dataset(cfg)
         model, tokenizer = build_model(cfg, out)
     _set_seed(cfg.seed + rank)  # dropout streams differ per rank; rank 0 is the 1-process run
@@ -406,7 +411,8 @@ def _export(objective, tokenizer, final: Path, cfg: TrainConfig, out: Path, acce
         state = accelerator.get_state_dict(objective)
     if sharded:
         if accelerator.is_main_process:
-            model, _ = build_model(cfg, out)
+            with without_zero3_init(accelerator):
+                model, _ = build_model(cfg, out)
             inner = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
             model.load_state_dict(inner, strict=True)
             export_final(model, tokenizer, final, cfg)

@@ -82,22 +82,30 @@ def load_siglip_checkpoint(model: Any, path: str | Path) -> None:
     tower.load_state_dict(mapped, strict=True)
 
 
+def initial_weights(cfg: TrainConfig, out: Path) -> Path | str:
+    """``model.path``, or ``out/init`` with a random ``model.init`` model written on first use."""
+    from radgrounder.modeling import init_model
+
+    m = cfg.model
+    if m.path:
+        return m.path
+    path = out / "init"
+    if not (path / "config.json").is_file():
+        torch.manual_seed(cfg.seed)
+        init_model(m.init, m.variant, path, seed=cfg.seed)
+    return path
+
+
 def build_model(cfg: TrainConfig, out: Path) -> tuple[Any, Any]:
     """Load ``model.path`` or initialise a random ``model.init`` model; apply the freezing
     policy, a SigLIP checkpoint, gradient checkpointing and LoRA."""
-    from radgrounder.modeling import init_model, load_model
+    from radgrounder.modeling import load_model
 
     m = cfg.model
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(m.dtype)
     if dtype is None:
         raise RadGrounderError(f"config.model.dtype: expected float32 or bfloat16, got {m.dtype!r}")
-    if m.path:
-        path = m.path
-    else:
-        path = out / "init"
-        if not (path / "config.json").is_file():
-            torch.manual_seed(cfg.seed)
-            init_model(m.init, m.variant, path, seed=cfg.seed)
+    path = initial_weights(cfg, out)
     loaded = load_model(path, dtype=dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     if loaded.variant != m.variant:

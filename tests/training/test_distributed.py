@@ -1,4 +1,4 @@
-"""The same YAML trains the same experiment on 1 process or 2 (DDP, FSDP, DeepSpeed ZeRO-2).
+"""The same YAML trains the same experiment on 1 process or 2 (DDP, FSDP, DeepSpeed ZeRO-2/3).
 
 Real multi-process runs on CPU with gloo: DDP through ``torchrun``, FSDP and DeepSpeed through
 ``radgrounder.training.cpu_launch`` reading the shipped accelerate launch files (accelerate
@@ -27,7 +27,9 @@ pytestmark = pytest.mark.slow
 LAUNCH_FILES = {
     "fsdp": REPO / "configs/accelerate/fsdp.yaml",
     "deepspeed": REPO / "configs/accelerate/multi-node-deepspeed-zero2.yaml",
+    "zero3": REPO / "configs/accelerate/multi-node-deepspeed-zero3.yaml",
 }
+ENGINE_NAME = {"zero3": "deepspeed"}
 
 
 def _port() -> int:
@@ -167,7 +169,7 @@ def ranks_disagree_on_masks(dataset) -> bool:
     return False
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp", "deepspeed"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "deepspeed", "zero3"])
 @pytest.mark.parametrize("variant", ["detection", "segmentation"])
 def test_two_processes_train_the_same_experiment_as_one(
     engine, variant, dataset, one_process, tmp_path
@@ -177,7 +179,8 @@ def test_two_processes_train_the_same_experiment_as_one(
         assert ranks_disagree_on_masks(dataset), "the layout no longer exercises the mask case"
     out = tmp_path / "run"
     done = run(engine, 2, common(dataset, out, variant, "batch_size=1"))
-    assert f"{engine} x 2 process(es), global batch 4 = 1 per device x 2 x 2" in done.stdout
+    name = ENGINE_NAME.get(engine, engine)
+    assert f"{name} x 2 process(es), global batch 4 = 1 per device x 2 x 2" in done.stdout
     assert done.stdout.count("trained 4 steps") == 1  # one summary line, from rank 0
     assert_same_experiment(one_process[variant], out)
 
@@ -193,6 +196,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
         ("ddp", ["model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0.3"]),
         ("fsdp", []),
         ("deepspeed", []),
+        ("zero3", []),
     ],
 )
 def test_kill_9_during_a_checkpoint_save_then_relaunch_continues_the_run(
