@@ -10,6 +10,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# DeepSpeed builds against the torch installed above (without build isolation pip would
+	# fetch another torch to build it); the multi-process tests run its ZeRO engines on CPU.
+	$(PY) -m pip install --quiet setuptools wheel
+	$(PY) -m pip install --quiet --no-build-isolation 'deepspeed>=0.15,<0.20'
 	touch $(STAMP)
 
 demo: $(STAMP)

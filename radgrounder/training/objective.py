@@ -82,11 +82,14 @@ def mask_loss_sums(mask_logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 class TrainingObjective(nn.Module):
     """Wraps the model; ``forward(**batch)`` returns the loss terms of one micro-batch."""
 
-    def __init__(self, model: nn.Module, *, segmentation: bool, chunk: int = 1024) -> None:
+    def __init__(
+        self, model: nn.Module, *, segmentation: bool, chunk: int = 1024, zero_pass: bool = True
+    ) -> None:
         super().__init__()
         self.model = model
         self.segmentation = segmentation
         self.chunk = chunk
+        self.zero_pass = zero_pass  # False only to measure the alternative (an engine option)
 
     def forward(
         self,
@@ -116,7 +119,7 @@ class TrainingObjective(nn.Module):
             if seg_token_pos is not None and segment_gt is not None and len(seg_token_pos):
                 masks = base.decode_masks(hidden, image, seg_token_pos)
                 result["seg_sum"] = mask_loss_sums(masks.squeeze(1), segment_gt)
-            else:
+            elif self.zero_pass:
                 # Weight zero: the head's parameters get (zero) gradients on this rank too.
                 dummy = base.segmentation_head(image[:1], hidden[:1, 0])
                 result["seg_sum"] = dummy.float().sum() * 0.0

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +285,14 @@ def _run(cfg: TrainConfig, out: Path, accelerator, accum: int, global_batch: int
             + (f"resuming after step {start}" if start else "starting at step 1"),
             flush=True,
         )
+        if cfg.global_batch_size is None and world > 1:
+            print(
+                "radgrounder train: warning: global_batch_size is not set, so the batch "
+                f"(and the experiment) grows with the number of processes; set "
+                f"global_batch_size={global_batch} to keep this one on any layout",
+                file=sys.stderr,
+                flush=True,
+            )
     objective.train()
     last_loss, eval_loss, t0 = float("nan"), None, time.perf_counter()
     batches = iter(loader)

@@ -38,7 +38,19 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def needs_deepspeed(engine: str) -> None:
+    if engine not in ("deepspeed", "zero3"):
+        return
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            raise  # `make test` installs it; CI must run these engines
+        pytest.skip("deepspeed is not installed (make installs it)")
+
+
 def command(engine: str, procs: int, args: list[str]) -> list[str]:
+    needs_deepspeed(engine)
     train = ["-m", "radgrounder", "train", str(TINY), "--quiet", *args]
     if engine == "single":
         return [sys.executable, *train]
@@ -252,3 +264,30 @@ def test_kill_9_during_a_checkpoint_save_then_relaunch_continues_the_run(
             assert torch.equal(wa[k], wb[k]), k
         else:
             torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize(
+    ("launch_file", "procs", "expected"),
+    [("ddp-8gpu.yaml", 2, "ddp x 2 process(es)"), ("single-gpu.yaml", 1, "single x 1 process")],
+)
+def test_the_other_shipped_launch_files_run_on_cpu_processes(
+    launch_file, procs, expected, dataset, tmp_path
+):
+    out = tmp_path / "run"
+    LAUNCH_FILES["other"] = REPO / "configs/accelerate" / launch_file
+    try:
+        args = ["max_steps=2", "save_every=2", "eval_every=100", "global_batch_size=2"]
+        done = run("other", procs, overrides(dataset, out, "batch_size=1", *args))
+    finally:
+        del LAUNCH_FILES["other"]
+    assert expected in done.stdout
+    assert [r["optimizer_step"] for r in train_records(out)] == [1, 2]
+
+
+def test_without_a_global_batch_the_batch_grows_with_the_processes_and_it_says_so(
+    dataset, tmp_path
+):
+    args = ["max_steps=1", "save_every=1", "eval_every=100", "global_batch_size=null"]
+    done = run("ddp", 2, overrides(dataset, tmp_path / "run", *args))
+    assert "global batch 4 = 2 per device x 2 x 1" in done.stdout
+    assert "global_batch_size is not set" in done.stderr
