@@ -238,12 +238,14 @@ def test_kill_9_during_a_checkpoint_save_then_relaunch_continues_the_run(
         start_new_session=True,
     )
     ckpts = out / "checkpoints"
-    deadline = time.time() + 300
+    deadline, mid_save = time.time() + 300, False
     while time.time() < deadline:
-        if (ckpts / "step-0000004.tmp").exists() or (ckpts / "step-0000006").exists():
+        mid_save = (ckpts / "step-0000004.tmp").exists()
+        if mid_save or (ckpts / "step-0000006").exists():
             break
-        time.sleep(0.005)
-    _kill_group(proc)  # launcher and every worker, mid-save if we caught the .tmp
+        time.sleep(0.002)
+    _kill_group(proc)  # launcher and every worker, mid-save when the .tmp was seen
+    print(f"{engine}: killed {'during the step-4 save' if mid_save else 'after step 6'}")
     assert not (out / "final").exists(), "the run finished before it could be killed"
     # A save cut short leaves a partial folder; a later resume must not trip over it.
     (ckpts / "step-0000009.tmp").mkdir(parents=True, exist_ok=True)
