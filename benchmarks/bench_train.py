@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from machine import cpu_model  # benchmarks/machine.py
 from torch import nn
 
 from radgrounder.modeling import init_model, load_model
@@ -192,17 +193,6 @@ def run_round(engine: Engine, batches: list[Batch], device: str, record: bool) -
     if device == "cuda":
         engine.peak_mb.append(torch.cuda.max_memory_allocated() / 2**20)
         engine.resident_mb.append(resident)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def engine_report(

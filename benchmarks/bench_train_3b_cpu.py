@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from machine import cpu_model  # benchmarks/machine.py
 
 from radgrounder.modeling import init_model, load_model
 from radgrounder.training.collate import image_seq_length, make_batch
@@ -44,17 +45,6 @@ PROMPT = (
     "and detect keywords: "
 )
 TARGET = "The <p bbox=<loc0100><loc0120><loc0300><loc0340> id=<seg005>>liver</p> is normal."
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def current_rss_gib() -> float:

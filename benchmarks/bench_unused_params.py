@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from machine import cpu_model  # benchmarks/machine.py
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from radgrounder.modeling import init_model, load_model
@@ -53,16 +53,6 @@ def examples(n: int, with_masks: bool, seed: int) -> list[Example]:
         prompt = "<image>\nQuestion: Is there a lesion?\nAnswer: "
         out.append(Example(f"s{i}", "bench", task, "en", image, prompt, target, masks))
     return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main() -> None:
