@@ -293,3 +293,17 @@ def test_without_a_global_batch_the_batch_grows_with_the_processes_and_it_says_s
     done = run("ddp", 2, overrides(dataset, tmp_path / "run", *args))
     assert "global batch 4 = 2 per device x 2 x 1" in done.stdout
     assert "global_batch_size is not set" in done.stderr
+
+
+def test_ranks_that_cannot_see_rank_0s_checkpoint_stop_instead_of_starting_fresh(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(_port()), str(REPO / "tests/training/resume_probe.py")]
+    done = subprocess.run(
+        [*cmd, str(tmp_path)], env=env("ddp"), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert (
+            f"rank {rank}: error: {tmp_path}/node{rank}: checkpoint step 6 is not visible on "
+            "rank(s) [1]: output_dir must be on a filesystem shared by every node"
+        ) in done.stdout
