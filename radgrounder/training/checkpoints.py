@@ -10,6 +10,7 @@ see that checkpoint before loading).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -128,7 +129,15 @@ def save_checkpoint(out: Path, step: int, accelerator: Any, keep: int) -> Path:
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    # Gemma ties lm_head to the embeddings; accelerate warns on every save that it stored the
+    # shared tensor once, which is what loading expects.
+    quiet = logging.getLogger("accelerate.utils.other")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        accelerator.save_state(str(tmp))
+    finally:
+        quiet.setLevel(level)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step}) + "\n")
