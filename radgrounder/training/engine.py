@@ -56,7 +56,11 @@ def make_accelerator(cfg: TrainConfig) -> tuple[Any, int, int]:
     reset_single_process_state()
     engine = requested_engine()
     cpu = _flag("ACCELERATE_USE_CPU")
-    if cpu and engine == "deepspeed":
+    import torch
+
+    if cpu or not torch.cuda.is_available():
+        # accelerate and peft import DeepSpeed when it is installed; on a machine without
+        # GPUs it would warn that it fell back to the CPU, on every run.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     world = PartialState(cpu=cpu).num_processes
     accum, global_batch = batch_layout(cfg, world)
