@@ -258,13 +258,14 @@ def _run(cfg: TrainConfig, out: Path, accelerator, accum: int, global_batch: int
         prefetch_factor=cfg.data.prefetch_factor,
     )
     sampler = loader.batch_sampler
+    counts = trainable_report(model)  # before prepare: FSDP replaces parameters by shards
     objective, optimizer, scheduler, loader = accelerator.prepare(
         objective, optimizer, scheduler, loader
     )
     logger = _Logger(out, cfg, main)
     if main:
         atomic_write_json(out / "config.json", config_to_dict(cfg))
-        report = trainable_report(model)
+        report = dict(counts)
         report.update(
             engine=accelerator.distributed_type.value.lower(),
             processes=world,

@@ -7,6 +7,7 @@ itself runs those engines on GPUs only; see ``radgrounder.training.engine``).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -148,6 +149,9 @@ def assert_same_experiment(a: Path, b: Path, *, exact: bool = False) -> None:
                 assert y[key] == pytest.approx(x[key], rel=1e-5), key
     for x, y in zip(eval_records(a), eval_records(b), strict=True):
         assert y["eval_loss"] == pytest.approx(x["eval_loss"], rel=1e-5)
+    ta, tb = (json.loads((p / "trainable.json").read_text()) for p in (a, b))
+    assert (ta["parameters"], ta["trainable"]) == (tb["parameters"], tb["trainable"])
+    assert (tb["processes"], tb["batch_size"], tb["grad_accum"]) == (2, 1, 2)
     wa, wb = weights(a / "final"), weights(b / "final")
     assert wa.keys() == wb.keys()
     for k in wa:
