@@ -129,6 +129,8 @@ def _keep_engine_on_cpu(accelerator: Any, engine: str, fsdp_plugin: Any) -> None
         plugin.set_mixed_precision(precision)
         plugin.select(_from_accelerator_state=True)
         state.deepspeed_plugins = plugin
+        # As accelerate does for DeepSpeed on GPUs: the engine's config does mixed precision.
+        state._mixed_precision = "no"
     log.info("%s engine on CPU processes (gloo)", engine)
 
 

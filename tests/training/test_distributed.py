@@ -311,3 +311,16 @@ def test_ranks_that_cannot_see_rank_0s_checkpoint_stop_instead_of_starting_fresh
             f"rank {rank}: error: {tmp_path}/node{rank}: checkpoint step 6 is not visible on "
             "rank(s) [1]: output_dir must be on a filesystem shared by every node"
         ) in done.stdout
+
+
+def test_deepspeed_bf16_trains_and_exports_a_loadable_model(dataset, tmp_path):
+    """DeepSpeed does mixed precision itself (bf16 weights, fp32 master copy in the optimizer)."""
+    from radgrounder.modeling import load_model
+
+    out = tmp_path / "run"
+    args = ["max_steps=2", "save_every=2", "eval_every=100", "global_batch_size=4"]
+    run("deepspeed", 2, overrides(dataset, out, "batch_size=2", "precision=bf16", *args))
+    rec = train_records(out)
+    assert [r["optimizer_step"] for r in rec] == [1, 2] and rec[1]["loss"] < rec[0]["loss"]
+    loaded = load_model(out / "final")
+    assert loaded.model.dtype == torch.bfloat16
