@@ -324,3 +324,22 @@ def test_deepspeed_bf16_trains_and_exports_a_loadable_model(dataset, tmp_path):
     assert [r["optimizer_step"] for r in rec] == [1, 2] and rec[1]["loss"] < rec[0]["loss"]
     loaded = load_model(out / "final")
     assert loaded.model.dtype == torch.bfloat16
+
+
+def test_two_ranks_on_a_fresh_output_dir_build_the_dataset_and_the_model_once(tmp_path):
+    from tests.labels.test_build import REPORTS, small_layout
+
+    scans, labels = small_layout(tmp_path / "layout", ids=("ct_upper_abdomen", "ct_dicom_series"))
+    ds, out = tmp_path / "ds", tmp_path / "run"
+    args = overrides(ds, out, "max_steps=1", "save_every=1", "eval_every=100", "batch_size=1")
+    args += [
+        f"data.build.out={ds}",
+        f"data.build.scans={scans}",
+        f"data.build.labels={labels}",
+        f"data.build.reports={REPORTS}",
+        "data.eval_sources=[]",
+    ]
+    run("ddp", 2, args)
+    assert (ds / "manifest.json").is_file() and (out / "init" / "config.json").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".init")]  # no half-written model
+    assert [r["step"] for r in train_records(out)] == [1]
