@@ -160,13 +160,7 @@ def ours_engine(path: Path, device: str, dtype: torch.dtype) -> Engine:
 
     def step(batch: Batch) -> None:
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            out = objective(
-                input_ids=batch["input_ids"],
-                pixel_values=batch["pixel_values"],
-                attention_mask=batch["attention_mask"],
-                token_type_ids=batch["token_type_ids"],
-                labels=batch["labels"],
-            )
+            out = objective(**batch)
         (out["lm_sums"].sum() / out["counts"].sum()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

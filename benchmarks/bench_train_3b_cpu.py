@@ -138,13 +138,7 @@ def main() -> None:
     steps = []
     for i in range(args.steps):
         t0 = time.perf_counter()
-        out = objective(
-            input_ids=batch["input_ids"],
-            pixel_values=batch["pixel_values"],
-            attention_mask=batch["attention_mask"],
-            token_type_ids=batch["token_type_ids"],
-            labels=batch["labels"],
-        )
+        out = objective(**batch)
         loss = out["lm_sums"].sum() / out["counts"].sum()
         t1 = time.perf_counter()
         log(f"step {i} forward")

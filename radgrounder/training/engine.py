@@ -50,14 +50,13 @@ def reset_single_process_state() -> None:
 
 def make_accelerator(cfg: TrainConfig) -> tuple[Any, int, int]:
     """``(accelerator, grad_accum, global_batch_size)`` for this launch."""
+    import torch
     from accelerate import Accelerator, PartialState
     from accelerate.utils import GradientAccumulationPlugin
 
     reset_single_process_state()
     engine = requested_engine()
     cpu = _flag("ACCELERATE_USE_CPU")
-    import torch
-
     if cpu or not torch.cuda.is_available():
         # accelerate and peft import DeepSpeed when it is installed; on a machine without
         # GPUs it would warn that it fell back to the CPU, on every run.

@@ -71,12 +71,10 @@ def target_token_losses(
 def mask_loss_sums(mask_logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """Σ over masks of (pixel-mean BCE + Dice loss): ``mask_loss``'s ``bce + dice`` times the
     number of masks, so it can be normalised by the masks of a whole window."""
-    logits = mask_logits.float().flatten(1)
-    target = gt.to(device=logits.device, dtype=torch.float32).flatten(1)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
-    probs = torch.sigmoid(logits)
-    dice = 1 - 2 * (probs * target).sum(1) / (probs.sum(1) + target.sum(1) + 1e-6)
-    return (bce + dice).sum()
+    from radgrounder.modeling import mask_loss
+
+    bce, dice = mask_loss(mask_logits, gt)
+    return (bce + dice) * mask_logits.shape[0]
 
 
 class TrainingObjective(nn.Module):

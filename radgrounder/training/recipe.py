@@ -41,7 +41,7 @@ from radgrounder.training.config import TrainConfig, config_to_dict
 from radgrounder.training.data import Mixture, make_source
 from radgrounder.training.engine import make_accelerator, requested_engine, without_zero3_init
 from radgrounder.training.loader import make_loader, single_threaded
-from radgrounder.training.objective import TrainingObjective
+from radgrounder.training.objective import IGNORE, TrainingObjective
 from radgrounder.training.setup import (
     build_model,
     ensure_dataset,
@@ -49,7 +49,6 @@ from radgrounder.training.setup import (
     trainable_report,
 )
 
-IGNORE = -100
 TASKS = ("grounded-report", "grounded-vqa", "report", "vqa")
 
 
@@ -132,13 +131,13 @@ def evaluate(
     nothing left in the last block still runs one (discarded) forward, because a sharded
     engine's forward is a collective.
     """
+    objective = model
     if not isinstance(accelerator.unwrap_model(model), TrainingObjective):
-        model = TrainingObjective(model, segmentation=seg_token_id is not None)
+        objective = TrainingObjective(model, segmentation=seg_token_id is not None)
     if callable(examples):
         examples_for = examples
     else:
         n_examples, examples_for = len(examples), examples.__getitem__
-    objective = model
     world, rank = accelerator.num_processes, accelerator.process_index
     sums = torch.zeros(2 * len(TASKS) + 2, dtype=torch.float64, device=accelerator.device)
     bs = cfg.eval_batch_size
@@ -309,12 +308,15 @@ def _run(cfg: TrainConfig, out: Path, accelerator, accum: int, global_batch: int
         task = bar.add_task("train", total=cfg.max_steps, completed=start, loss="-")
         for step in range(start + 1, cfg.max_steps + 1):
             window = [next(batches) for _ in range(accum)]
-            local = torch.tensor(
+            local = torch.stack(
                 [
-                    sum(float((b["labels"][:, 1:] != IGNORE).sum()) for b in window),
-                    sum(float(len(b.get("seg_token_pos", ()))) for b in window),
-                ],
-                device=accelerator.device,
+                    sum((b["labels"][:, 1:] != IGNORE).sum() for b in window).double(),
+                    torch.tensor(
+                        float(sum(len(b.get("seg_token_pos", ())) for b in window)),
+                        dtype=torch.float64,
+                        device=accelerator.device,
+                    ),
+                ]
             )
             tokens, masks = accelerator.reduce(local, "sum").tolist()
             # Each rank's gradient is divided by accum (accelerate/DeepSpeed) and averaged
@@ -334,18 +336,16 @@ def _run(cfg: TrainConfig, out: Path, accelerator, accum: int, global_batch: int
                         else:
                             seg = o["seg_sum"] / max(masks, 1) * factor
                         loss = loss + cfg.seg_loss_weight * seg
-                        stats[-1] += float(o["seg_sum"].detach())
+                        stats[-1] += o["seg_sum"].detach().double()
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(
                             objective.parameters(), cfg.optim.max_grad_norm
                         )
-                for name, s, c in zip(
-                    b["tasks"], o["lm_sums"].detach().tolist(), o["counts"].tolist(), strict=True
-                ):
-                    k = TASKS.index(name)
-                    stats[2 * k] += s
-                    stats[2 * k + 1] += c
+                # Per-task sums stay on the device: no host sync per micro-batch.
+                rows = torch.tensor([2 * TASKS.index(t) for t in b["tasks"]], device=stats.device)
+                stats.index_add_(0, rows, o["lm_sums"].detach().double())
+                stats.index_add_(0, rows + 1, o["counts"].double())
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -406,9 +406,7 @@ def _export(objective, tokenizer, final: Path, cfg: TrainConfig, out: Path, acce
     from radgrounder.training.setup import export_final
 
     kind = accelerator.distributed_type
-    sharded = kind == DistributedType.FSDP or (
-        kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
-    )
+    state = None
     if kind == DistributedType.FSDP:
         from torch.distributed.fsdp import FullStateDictConfig, StateDictType
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -417,17 +415,17 @@ def _export(objective, tokenizer, final: Path, cfg: TrainConfig, out: Path, acce
         full = FullStateDictConfig(offload_to_cpu=accelerator.device.type != "cpu", rank0_only=True)
         with FSDP.state_dict_type(objective, StateDictType.FULL_STATE_DICT, full):
             state = objective.state_dict()
-    elif sharded:
+    elif kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
         state = accelerator.get_state_dict(objective)
-    if sharded:
-        if accelerator.is_main_process:
+    if accelerator.is_main_process:
+        if state is None:
+            model = accelerator.unwrap_model(objective).model
+        else:
             with without_zero3_init(accelerator):
                 model, _ = build_model(cfg, out)
             inner = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
             model.load_state_dict(inner, strict=True)
-            export_final(model, tokenizer, final, cfg)
-    elif accelerator.is_main_process:
-        export_final(accelerator.unwrap_model(objective).model, tokenizer, final, cfg)
+        export_final(model, tokenizer, final, cfg)
     accelerator.wait_for_everyone()
 
 
