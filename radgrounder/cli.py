@@ -542,6 +542,10 @@ def predict(
     clinical_question: Annotated[str | None, typer.Option(help="Clinical question.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Generation length limit.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Slices per batch.")] = 8,
+    max_prompt_tokens: Annotated[
+        int,
+        typer.Option(help="Longest prompt (question + clinical fields) in tokens."),
+    ] = 256,
     export: Annotated[
         str | None, typer.Option(help="dicom-seg or dicom-sr (needs the dicom extra).")
     ] = None,
@@ -553,7 +557,13 @@ def predict(
     from radgrounder.inference import Predictor
     from radgrounder.inference.outputs import run_predict
 
-    predictor = Predictor(model, device=device, dtype=dtype, batch_size=batch_size)
+    predictor = Predictor(
+        model,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        max_prompt_tokens=max_prompt_tokens,
+    )
     run = run_predict(
         predictor,
         input_path,
@@ -582,20 +592,87 @@ def serve(
         str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the bearer token (mode 600). Or set RADGROUNDER_TOKEN."),
+    ] = None,
     token: Annotated[
         str | None,
         typer.Option(
-            envvar="RADGROUNDER_TOKEN", help="Bearer token required by every endpoint but health."
+            envvar="RADGROUNDER_TOKEN",
+            show_envvar=True,
+            help="Bearer token; prefer the environment variable or --token-file: "
+            "a value on the command line is visible to every user in ps.",
         ),
     ] = None,
-    max_upload_mb: Annotated[int, typer.Option(help="Largest accepted upload (MB).")] = 512,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(help="Another Host name to answer to (repeatable; '*' for any)."),
+    ] = None,
+    insecure_no_token: Annotated[
+        bool, typer.Option(help="Allow a non-loopback --host without a token.")
+    ] = False,
+    max_upload_mb: Annotated[int, typer.Option(help="Largest accepted upload (MiB).")] = 512,
+    max_prompt_tokens: Annotated[
+        int, typer.Option(help="Longest prompt (question + clinical fields), in tokens.")
+    ] = 256,
+    max_queue: Annotated[
+        int, typer.Option(help="Slices waiting for the model before 503 + Retry-After.")
+    ] = 64,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds from admission to answer before 504.")
+    ] = 300.0,
+    max_concurrent_uploads: Annotated[
+        int, typer.Option(help="Uploads received at once before 503.")
+    ] = 4,
+    study_storage_mb: Annotated[
+        int, typer.Option(help="Disk for stored studies (MiB; least recently used evicted).")
+    ] = 4096,
+    study_ttl: Annotated[
+        float, typer.Option(help="Seconds a stored study lives without use.")
+    ] = 1800.0,
+    max_connections: Annotated[int, typer.Option(help="Open connections before 503.")] = 256,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
 ) -> None:
     """Serve the REST API (OpenAPI at /docs) and the grounded web viewer at /."""
+    from radgrounder.serve.app import read_token_file
     from radgrounder.serve.app import serve as run_server
+    from radgrounder.serve.limits import MiB, ServeLimits
 
-    run_server(model, host=host, port=port, token=token, max_upload_mb=max_upload_mb,
-               device=device)  # fmt: skip
+    if token_file is not None:
+        if token:
+            raise RadGrounderError("give the token once: --token-file or RADGROUNDER_TOKEN/--token")
+        token = read_token_file(token_file)
+    elif token and any(a == "--token" or a.startswith("--token=") for a in sys.argv[1:]):
+        typer.echo(
+            "radgrounder: warning: --token on the command line is visible to every user "
+            "(ps, /proc); use RADGROUNDER_TOKEN or --token-file",
+            err=True,
+        )
+    try:
+        limits = ServeLimits(
+            max_upload_bytes=max_upload_mb * MiB,
+            max_prompt_tokens=max_prompt_tokens,
+            max_queued_items=max_queue,
+            request_timeout_s=request_timeout,
+            max_concurrent_uploads=max_concurrent_uploads,
+            study_storage_bytes=study_storage_mb * MiB,
+            study_ttl_s=study_ttl,
+            max_connections=max_connections,
+        )
+    except ValueError as exc:
+        raise RadGrounderError(str(exc)) from None
+    run_server(
+        model,
+        host=host,
+        port=port,
+        token=token,
+        max_upload_mb=max_upload_mb,
+        device=device,
+        limits=limits,
+        allowed_hosts=allowed_host or (),
+        insecure_no_token=insecure_no_token,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

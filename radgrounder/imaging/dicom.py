@@ -21,6 +21,7 @@ from radgrounder.imaging.volume import (
     axcodes,
     canonical_modality,
     check_nonempty,
+    check_voxels,
     reason,
     spacing_from_affine,
 )
@@ -213,18 +214,29 @@ def common_metadata(ds: Dataset) -> dict[str, Any]:
     }
 
 
-def read_dicom(path: PathType, *, modality: str | None = None) -> Volume:
-    """Read one DICOM file; frames become slices, the pixel grid is kept as stored."""
+def read_dicom(
+    path: PathType, *, modality: str | None = None, max_voxels: int | None = None
+) -> Volume:
+    """Read one DICOM file; frames become slices, the pixel grid is kept as stored
+    (``max_voxels``: refuse a larger image from its header, before decoding)."""
     path = Path(path)
     if not path.is_file():
         raise RadGrounderError("DICOM file not found", path=path)
     with malformed_tags(path):
-        return _read_dicom(path, modality)
+        return _read_dicom(path, modality, max_voxels)
 
 
-def _read_dicom(path: Path, modality: str | None) -> Volume:
+def _read_dicom(path: Path, modality: str | None, max_voxels: int | None = None) -> Volume:
     ds, truncated = dcmread(path)
     require_pixels(ds, path, truncated)
+    check_voxels(
+        tuple(
+            int(ds.get(tag, 1) or 1)
+            for tag in ("NumberOfFrames", "Rows", "Columns", "SamplesPerPixel")
+        ),
+        max_voxels,
+        path,
+    )
     mod, mod_source = resolve_modality({str(ds.get("Modality", "") or "")}, modality, path)
     data = decode(ds, path)
 

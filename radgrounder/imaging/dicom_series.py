@@ -29,6 +29,7 @@ from radgrounder.imaging.volume import (
     PathType,
     Volume,
     axcodes,
+    check_voxels,
     spacing_from_affine,
     to_canonical,
 )
@@ -85,17 +86,24 @@ def _member_position(
 
 
 def read_dicom_series(
-    folder: PathType, *, series_uid: str | None = None, modality: str | None = None
+    folder: PathType,
+    *,
+    series_uid: str | None = None,
+    modality: str | None = None,
+    max_voxels: int | None = None,
 ) -> Volume:
-    """Read every DICOM image of one series in ``folder`` into a canonical (SPL) volume."""
+    """Read every DICOM image of one series in ``folder`` into a canonical (SPL) volume
+    (``max_voxels``: refuse a larger series from its headers, before decoding)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise RadGrounderError("DICOM folder not found", path=folder)
     with malformed_tags(folder):
-        return _read_series(folder, series_uid, modality)
+        return _read_series(folder, series_uid, modality, max_voxels)
 
 
-def _read_series(folder: Path, series_uid: str | None, modality: str | None) -> Volume:
+def _read_series(
+    folder: Path, series_uid: str | None, modality: str | None, max_voxels: int | None = None
+) -> Volume:
     groups, skipped = _scan_folder(folder)
     if not groups:
         raise RadGrounderError(
@@ -123,6 +131,8 @@ def _read_series(folder: Path, series_uid: str | None, modality: str | None) -> 
     iop = floats(first.get("ImageOrientationPatient"), 6, "ImageOrientationPatient", first_path)
     ps = floats(first.get("PixelSpacing"), 2, "PixelSpacing", first_path)
     shape = (int(first.get("Rows", 0) or 0), int(first.get("Columns", 0) or 0))
+    samples = int(first.get("SamplesPerPixel", 1) or 1)
+    check_voxels((len(files), *shape, samples), max_voxels, folder)
     normal = normal_of(iop, first_path)
     keys: list[float] = []
     for p, ds in files:

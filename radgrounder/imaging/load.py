@@ -20,25 +20,35 @@ from radgrounder.imaging.volume import PathType, Volume
 
 
 def load_scan(
-    path: PathType, *, modality: str | None = None, series_uid: str | None = None
+    path: PathType,
+    *,
+    modality: str | None = None,
+    series_uid: str | None = None,
+    max_voxels: int | None = None,
 ) -> Volume:
-    """Load a DICOM folder, DICOM file, NIfTI or raster image, dispatching on what ``path`` is."""
+    """Load a DICOM folder, DICOM file, NIfTI or raster image, dispatching on what ``path`` is.
+
+    With ``max_voxels`` a scan whose headers promise more voxels (slices x rows x columns x
+    samples) is refused with :class:`~radgrounder.imaging.volume.VolumeTooLarge` before its
+    pixels are decoded."""
     path = Path(path)
     if not path.exists():
         raise RadGrounderError("no such file or folder", path=path)
     if path.is_dir():
-        return read_dicom_series(path, series_uid=series_uid, modality=modality)
+        return read_dicom_series(
+            path, series_uid=series_uid, modality=modality, max_voxels=max_voxels
+        )
     if series_uid is not None:
         raise RadGrounderError("series_uid only applies to a DICOM folder", path=path)
     if is_nifti_path(path):
-        return read_nifti(path, modality=modality)
+        return read_nifti(path, modality=modality, max_voxels=max_voxels)
     if is_image_path(path):
-        return read_image(path, modality=modality)
+        return read_image(path, modality=modality, max_voxels=max_voxels)
     if not path.is_file():
         raise RadGrounderError("not a regular file", path=path)
     if not has_dicm_prefix(path):
         raise RadGrounderError("not a DICOM, NIfTI or image file", path=path)
-    return read_dicom(path, modality=modality)
+    return read_dicom(path, modality=modality, max_voxels=max_voxels)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from radgrounder.imaging.volume import (
     canonical_modality,
     check_finite,
     check_nonempty,
+    check_voxels,
     reason,
     spacing_from_affine,
     to_canonical,
@@ -130,10 +131,14 @@ def _modality(path: Path, data: np.ndarray, argument: str | None) -> tuple[str, 
     return ("CT" if low < _CT_AIR_THRESHOLD else "MR"), "inferred", None
 
 
-def read_nifti(path: PathType, *, modality: str | None = None) -> Volume:
-    """Read a 3D (or 2D, or 4D with one volume) NIfTI image as float32 in canonical SPL order."""
+def read_nifti(
+    path: PathType, *, modality: str | None = None, max_voxels: int | None = None
+) -> Volume:
+    """Read a 3D (or 2D, or 4D with one volume) NIfTI image as float32 in canonical SPL order
+    (``max_voxels``: refuse a larger image from its header, before decoding)."""
     path = Path(path)
     img = _load(path)
+    check_voxels(tuple(int(s) for s in img.shape), max_voxels, path)
     data = _voxels(img, path, labels=False)
     check_finite(data, path)
     mod, mod_source, sidecar = _modality(path, data, modality)

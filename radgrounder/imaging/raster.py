@@ -15,6 +15,7 @@ from radgrounder.imaging.volume import (
     canonical_modality,
     check_finite,
     check_nonempty,
+    check_voxels,
     reason,
 )
 
@@ -64,7 +65,9 @@ def open_rgb(path_or_pil: PathType | Image.Image) -> Image.Image:
         raise RadGrounderError(f"cannot read image file: {reason(exc)}", path=path) from exc
 
 
-def read_image(path: PathType, *, modality: str | None = None) -> Volume:
+def read_image(
+    path: PathType, *, modality: str | None = None, max_voxels: int | None = None
+) -> Volume:
     """Read a raster image as one slice: grayscale raw values or RGB 0..255, float32.
 
     ``modality`` marks a grayscale export of a CT/MR slice; photographs stay ``None``.
@@ -75,6 +78,12 @@ def read_image(path: PathType, *, modality: str | None = None) -> Volume:
     mod = None if modality is None else canonical_modality(modality, path)
     try:
         with Image.open(path) as im:
+            # The header gives the size; refuse before the pixels are decompressed.
+            check_voxels(
+                (int(getattr(im, "n_frames", 1)), im.height, im.width, len(im.getbands())),
+                max_voxels,
+                path,
+            )
             im.load()
             check_nonempty((im.height, im.width), path)
             mode, n_frames = im.mode, int(getattr(im, "n_frames", 1))

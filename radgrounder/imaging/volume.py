@@ -136,6 +136,24 @@ def check_finite(data: np.ndarray, path: PathType) -> None:
             raise RadGrounderError(f"{n_bad} of {data.size} voxels are NaN or Inf", path=path)
 
 
+class VolumeTooLarge(RadGrounderError):
+    """A scan whose headers promise more voxels than the caller's ``max_voxels``."""
+
+
+def check_voxels(shape: tuple[int, ...], max_voxels: int | None, path: PathType) -> None:
+    """Refuse ``shape`` (from headers, before any pixel is decoded) past ``max_voxels``."""
+    if max_voxels is None:
+        return
+    n = 1
+    for s in shape:
+        n *= max(int(s), 0)
+    if n > max_voxels:
+        dims = " x ".join(str(int(s)) for s in shape)
+        raise VolumeTooLarge(
+            f"the scan has {n} voxels ({dims}); at most {max_voxels} are decoded", path=path
+        )
+
+
 def check_nonempty(shape: tuple[int, ...], path: PathType) -> None:
     if any(int(s) == 0 for s in shape):
         raise RadGrounderError(f"image has a zero-size dimension (shape {tuple(shape)})", path=path)

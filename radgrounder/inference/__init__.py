@@ -1,7 +1,14 @@
 """Inference: batched prediction with RadGrounder checkpoints, series aggregation, export."""
 
 from radgrounder.inference.batching import generate_examples
-from radgrounder.inference.predictor import LANGUAGES, TASKS, Prediction, Predictor, Prepared
+from radgrounder.inference.predictor import (
+    LANGUAGES,
+    TASKS,
+    Prediction,
+    Predictor,
+    Prepared,
+    PromptTooLong,
+)
 from radgrounder.inference.series import SeriesPrediction, Structure3D, aggregate_structures
 
 __all__ = [
@@ -10,6 +17,7 @@ __all__ = [
     "Prediction",
     "Predictor",
     "Prepared",
+    "PromptTooLong",
     "SeriesPrediction",
     "Structure3D",
     "aggregate_structures",

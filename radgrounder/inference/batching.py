@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from radgrounder.modeling.generation import Generated, generate
@@ -16,6 +16,7 @@ def generate_examples(
     *,
     max_new_tokens: int = 200,
     mask_threshold: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[Generated]:
     """Generate answers for ``examples`` (their ``prompt`` and ``image``) in one left-padded
     batch with the model and tokenizer of ``loaded`` (a :class:`~radgrounder.modeling.LoadedModel`).
@@ -32,4 +33,5 @@ def generate_examples(
         batch,
         max_new_tokens=max_new_tokens,
         mask_threshold=mask_threshold,
+        should_stop=should_stop,
     )

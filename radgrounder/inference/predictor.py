@@ -8,7 +8,7 @@ pixel grid.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,20 @@ _QUESTION = {  # the first affirmative grounding-VQA template of each language
     "de": "Ist die {} im Bild vorhanden?",
 }
 ImageInput = str | Path | Slice | np.ndarray
+# Text tokens a prompt may hold (the image tokens not counted). The reference budgets 200
+# tokens for prompt plus answer (``max_length``); its templates take 16-23.
+DEFAULT_MAX_PROMPT_TOKENS = 256
+# Text longer than this many characters per allowed token is refused before tokenising.
+_CHARS_PER_TOKEN_LIMIT = 64
+
+
+class PromptTooLong(RadGrounderError):
+    """The question and clinical fields make a prompt longer than ``max_prompt_tokens``."""
+
+    def __init__(self, message: str, n_tokens: int | None, limit: int) -> None:
+        super().__init__(message)
+        self.n_tokens = n_tokens
+        self.limit = limit
 
 
 @dataclass
@@ -162,11 +176,16 @@ class Predictor:
         preset: str | None = None,
         mask_threshold: str | None = None,
         batch_size: int = 8,
+        max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS,
     ) -> None:
         from radgrounder.modeling import load_model
 
         if batch_size < 1:
             raise RadGrounderError(f"batch_size: must be at least 1, got {batch_size}")
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise RadGrounderError(
+                f"max_prompt_tokens: must be at least 1 (or None), got {max_prompt_tokens}"
+            )
         self.loaded = (
             model
             if hasattr(model, "tokenizer")
@@ -178,6 +197,7 @@ class Predictor:
         self.preset = preset or self.loaded.config.radgrounder.get("normalization", "reference")
         self.mask_threshold = mask_threshold
         self.batch_size = batch_size
+        self.max_prompt_tokens = max_prompt_tokens
         self.size = int(self.loaded.config.vision_config.image_size)
 
     # -- inputs ------------------------------------------------------------------------------
@@ -242,6 +262,75 @@ class Predictor:
             for c in _ids(kw["structures"], language)
         ]
 
+    def check_prompt(self, prompt: str, fields: Sequence[str] = ()) -> int:
+        """The number of text tokens in ``prompt``; :class:`PromptTooLong` past
+        ``max_prompt_tokens`` (``fields`` name what the user typed, for the message)."""
+        limit = self.max_prompt_tokens
+        what = " and ".join(fields) or "the prompt"
+        if limit is None:
+            return len(self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        max_chars = limit * _CHARS_PER_TOKEN_LIMIT
+        if len(prompt) > max_chars:
+            raise PromptTooLong(
+                f"{what}: too long ({len(prompt)} characters; the prompt may hold at most "
+                f"{limit} tokens, max_prompt_tokens)",
+                None,
+                limit,
+            )
+        n = len(self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if n > limit:
+            raise PromptTooLong(
+                f"{what}: too long (the prompt would be {n} tokens; at most {limit}, "
+                "max_prompt_tokens)",
+                n,
+                limit,
+            )
+        return n
+
+    def prompts(
+        self,
+        task: str,
+        language: str = "en",
+        *,
+        question: str | None = None,
+        choices: Sequence[str] | None = None,
+        clinical_info: str | None = None,
+        clinical_question: str | None = None,
+        structures: Sequence[str | int] | None = None,
+    ) -> list[str]:
+        """The prompts a request makes (one per structure for ``detect``/``segment``),
+        validated and within ``max_prompt_tokens``; no image is touched, so a server can
+        refuse a request before decoding its upload."""
+        if task not in self.tasks:
+            raise RadGrounderError(
+                f"task: {task!r} is not available for the {self.variant} model "
+                f"(expected one of {', '.join(self.tasks)})"
+            )
+        if language not in LANGUAGES:
+            raise RadGrounderError(f"language: expected en or de, got {language!r}")
+        prompts = self._prompts(
+            task,
+            language,
+            question=question,
+            choices=choices,
+            clinical_info=clinical_info,
+            clinical_question=clinical_question,
+            structures=structures,
+        )
+        typed = [
+            name
+            for name, value in (
+                ("question", question),
+                ("choices", choices),
+                ("clinical_info", clinical_info),
+                ("clinical_question", clinical_question),
+            )
+            if value
+        ]
+        for prompt in dict.fromkeys(prompts):
+            self.check_prompt(prompt, typed)
+        return prompts
+
     def prepare(
         self,
         images: Sequence[ImageInput],
@@ -256,16 +345,9 @@ class Predictor:
     ) -> list[Prepared]:
         """Validate and preprocess; the result can be :meth:`run` alone or batched with
         items of other calls."""
-        if task not in self.tasks:
-            raise RadGrounderError(
-                f"task: {task!r} is not available for the {self.variant} model "
-                f"(expected one of {', '.join(self.tasks)})"
-            )
-        if language not in LANGUAGES:
-            raise RadGrounderError(f"language: expected en or de, got {language!r}")
         if isinstance(images, str | Path | Slice | np.ndarray):
             images = [images]
-        prompts = self._prompts(
+        prompts = self.prompts(
             task,
             language,
             question=question,
@@ -316,9 +398,17 @@ class Predictor:
             )
         return GroundedText(g.text, spans, g.problems)
 
-    def run(self, items: Sequence[Prepared], max_new_tokens: int = 200) -> list[Prediction]:
+    def run(
+        self,
+        items: Sequence[Prepared],
+        max_new_tokens: int = 200,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[Prediction]:
         """Generate for prepared items in batches of ``batch_size``; one :class:`Prediction`
-        per image (per-structure answers of ``detect``/``segment`` are joined)."""
+        per image (per-structure answers of ``detect``/``segment`` are joined).
+        ``should_stop`` (asked after every token) ends generation early; the answers are then
+        cut short (a server uses it when every client of a batch has gone)."""
         from radgrounder.inference.batching import generate_examples
         from radgrounder.modeling.generation import flush_denormals
 
@@ -332,6 +422,7 @@ class Predictor:
                     [p.example for p in chunk],
                     max_new_tokens=max_new_tokens,
                     mask_threshold=self.mask_threshold,
+                    should_stop=should_stop,
                 )
                 share = (time.perf_counter() - t0) / len(chunk)
                 results += [(p, g, share) for p, g in zip(chunk, gens, strict=True)]

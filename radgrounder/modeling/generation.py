@@ -10,13 +10,14 @@ exactly as in the reference's patched sampler.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from radgrounder.errors import RadGrounderError
 from radgrounder.modeling.configs import MASK_THRESHOLDS, settings_of
@@ -100,6 +101,19 @@ def _mask_pass(
     return out.mask_logits
 
 
+class _AskToStop(StoppingCriteria):
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        stop = bool(self.should_stop())
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def _stop_criteria(should_stop: Callable[[], bool] | None) -> StoppingCriteriaList | None:
+    return None if should_stop is None else StoppingCriteriaList([_AskToStop(should_stop)])
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -107,8 +121,12 @@ def generate(
     *,
     max_new_tokens: int = 200,
     mask_threshold: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[Generated]:
     """Greedy answers (and masks, for the segmentation model) for a left-padded batch.
+
+    ``should_stop`` is asked after every generated token; when it returns True generation
+    ends early (a server whose clients all left), leaving the answers cut short.
 
     ``batch`` is ``collate_examples(..., padding_side="left", return_tensors="pt")`` plus
     ``pixel_values`` ``(B, 3, 224, 224)``. ``mask_threshold`` defaults to the checkpoint's
@@ -158,6 +176,7 @@ def generate(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             use_cache=True,
+            stopping_criteria=_stop_criteria(should_stop),
         )
         prompt_len = input_ids.shape[1]
         new_tokens = sequences[:, prompt_len:]

@@ -6,10 +6,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from radgrounder.imaging import WINDOWS
+from radgrounder.imaging.normalize import VIEWING_PRESETS
 from radgrounder.serve.uploads import UploadError
 
 KNOWN_TASKS = ("report", "grounded-report", "vqa", "detect", "segment")
 DEFAULT_WINDOW = "soft_tissue"
+# The windows a viewer offers (the reference's model-input windows are not for reading).
+VIEWING_WINDOWS = VIEWING_PRESETS
 DEFAULT_MAX_NEW_TOKENS = 100
 MAX_NEW_TOKENS = 512
 # ``slice=all`` runs every slice; a longer series must be sent in parts.
@@ -51,9 +54,15 @@ class PredictParams:
 
 
 def predict_params(
-    fields: Mapping[str, str], tasks: Sequence[str], languages: Sequence[str], variant: str
+    fields: Mapping[str, str],
+    tasks: Sequence[str],
+    languages: Sequence[str],
+    variant: str,
+    *,
+    max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> PredictParams:
-    """Validate the form fields of a prediction request against the model's abilities."""
+    """Validate the form fields of a prediction request against the model's abilities
+    (``max_new_tokens``: the server's cap on the field of that name)."""
     default_task = "grounded-report" if "grounded-report" in tasks else tasks[0]
     task = _text(fields, "task") or default_task
     if task not in tasks:
@@ -83,7 +92,7 @@ def predict_params(
         clinical_question=_text(fields, "clinical_question"),
         structures=structures,
         slice=_slice_field(_text(fields, "slice")),
-        max_new_tokens=_max_new_tokens(_text(fields, "max_new_tokens")),
+        max_new_tokens=_max_new_tokens(_text(fields, "max_new_tokens"), max_new_tokens),
     )
 
 
@@ -98,15 +107,15 @@ def _slice_field(value: str | None) -> str | int | None:
         raise _invalid(f"slice: expected a slice number or 'all', got {value[:40]!r}") from None
 
 
-def _max_new_tokens(value: str | None) -> int:
+def _max_new_tokens(value: str | None, cap: int = MAX_NEW_TOKENS) -> int:
     if value is None:
-        return DEFAULT_MAX_NEW_TOKENS
+        return min(DEFAULT_MAX_NEW_TOKENS, cap)
     try:
         number = int(value)
     except ValueError:
         raise _invalid(f"max_new_tokens: expected an integer, got {value[:40]!r}") from None
-    if not 1 <= number <= MAX_NEW_TOKENS:
-        raise _invalid(f"max_new_tokens: must be between 1 and {MAX_NEW_TOKENS}, got {number}")
+    if not 1 <= number <= cap:
+        raise _invalid(f"max_new_tokens: must be between 1 and {cap}, got {number}")
     return number
 
 

@@ -9,12 +9,17 @@ file system, the logs or an error message.
 from __future__ import annotations
 
 import gzip
+import io
 import re
+import struct
+import time
 import zipfile
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
+from urllib.parse import parse_qsl
 
 import anyio
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -62,6 +67,27 @@ def sniff(path: Path) -> str:
     ``zip``, ``png``, ``jpeg``, ``bmp``, ``tiff``, ``gzip`` or ``unknown``."""
     with path.open("rb") as fh:
         head = fh.read(352)
+    kind = sniff_bytes(head)
+    if kind == "gzip":
+        try:
+            with gzip.open(path, "rb") as gz:
+                inner = gz.read(352)
+        except (OSError, EOFError):
+            return "gzip"
+        return "nifti-gz" if _is_nifti_header(inner) else "gzip"
+    return kind
+
+
+def _gunzip_head(head: bytes, n: int = 352) -> bytes:
+    """The first ``n`` decompressed bytes of the gzip stream that starts ``head``."""
+    try:
+        return zlib.decompressobj(wbits=31).decompress(head, n)
+    except zlib.error:
+        return b""
+
+
+def sniff_bytes(head: bytes) -> str:
+    """:func:`sniff` on a file's first bytes (a gzip stream is looked into)."""
     if len(head) >= 132 and head[128:132] == b"DICM":
         return "dicom"
     if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
@@ -77,10 +103,8 @@ def sniff(path: Path) -> str:
     if _is_nifti_header(head):
         return "nifti"
     if head[:2] == b"\x1f\x8b":
-        try:
-            with gzip.open(path, "rb") as gz:
-                inner = gz.read(352)
-        except (OSError, EOFError):
+        inner = _gunzip_head(head)
+        if not inner:
             return "gzip"
         return "nifti-gz" if _is_nifti_header(inner) else "gzip"
     return "unknown"
@@ -110,11 +134,14 @@ async def read_multipart(
     folder: Path,
     *,
     max_bytes: int,
+    idle_timeout_s: float | None = None,
+    timeout_s: float | None = None,
 ) -> UploadForm:
     """Stream a ``multipart/form-data`` body into ``folder``: files of the ``files`` field
     are written to disk as they arrive, text fields are kept (up to 64, each up to 64 KiB).
     The body is refused with 413 as soon as it is known to exceed ``max_bytes``
-    (Content-Length first, then the bytes actually received)."""
+    (Content-Length first, then the bytes actually received), and with 408 when no bytes
+    arrive for ``idle_timeout_s`` or the whole body takes longer than ``timeout_s``."""
     kind, params = parse_options_header(content_type or "")
     if kind != b"multipart/form-data" or b"boundary" not in params:
         raise UploadError(
@@ -141,8 +168,18 @@ async def read_multipart(
         },
     )
     received = 0
+    started = time.monotonic()
+    iterator = chunks.__aiter__()
     try:
-        async for chunk in chunks:
+        while True:
+            wait = _wait(idle_timeout_s, timeout_s, started)
+            try:
+                with anyio.fail_after(wait):
+                    chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise UploadError(408, _slow_upload(idle_timeout_s, timeout_s)) from None
             received += len(chunk)
             if received > max_bytes:
                 raise UploadError(413, _too_large(max_bytes))
@@ -161,6 +198,65 @@ async def read_multipart(
     for path in state.files:
         files.append(await anyio.to_thread.run_sync(_suffixed, path))
     return UploadForm(state.fields, [p for p, _ in files])
+
+
+async def read_urlencoded(
+    chunks: AsyncIterator[bytes],
+    content_length: str | None,
+    *,
+    idle_timeout_s: float | None = None,
+    timeout_s: float | None = None,
+) -> dict[str, str]:
+    """The fields of an ``application/x-www-form-urlencoded`` body (at most 64 fields of
+    64 KiB each; 413 beyond, 408 for a slow body)."""
+    limit = MAX_FIELDS * (MAX_FIELD_BYTES + 64)
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        raise UploadError(413, f"form too large: at most {MAX_FIELDS} fields of 64 KiB")
+    body = bytearray()
+    started = time.monotonic()
+    iterator = chunks.__aiter__()
+    while True:
+        wait = _wait(idle_timeout_s, timeout_s, started)
+        try:
+            with anyio.fail_after(wait):
+                chunk = await iterator.__anext__()
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise UploadError(408, _slow_upload(idle_timeout_s, timeout_s)) from None
+        body += chunk
+        if len(body) > limit:
+            raise UploadError(413, f"form too large: at most {MAX_FIELDS} fields of 64 KiB")
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError:
+        raise UploadError(400, "the form is not UTF-8 text") from None
+    if len(pairs) > MAX_FIELDS:
+        raise UploadError(413, f"too many form fields: at most {MAX_FIELDS}")
+    fields: dict[str, str] = {}
+    for name, value in pairs:
+        if len(value.encode()) > MAX_FIELD_BYTES:
+            raise UploadError(413, f"form field '{name[:40]}' is longer than 64 KiB")
+        fields[name] = value
+    return fields
+
+
+def _wait(idle_timeout_s: float | None, timeout_s: float | None, started: float) -> float | None:
+    """How long to wait for the next body chunk."""
+    wait = idle_timeout_s
+    if timeout_s is not None:
+        left = timeout_s - (time.monotonic() - started)
+        wait = left if wait is None else min(wait, left)
+    return None if wait is None else max(wait, 0.0)
+
+
+def _slow_upload(idle_timeout_s: float | None, timeout_s: float | None) -> str:
+    parts = []
+    if idle_timeout_s is not None:
+        parts.append(f"nothing for {idle_timeout_s:g} s")
+    if timeout_s is not None:
+        parts.append(f"more than {timeout_s:g} s in all")
+    return f"upload too slow: the body must arrive without pauses ({' or '.join(parts)})"
 
 
 def _too_large(max_bytes: int) -> str:
@@ -242,7 +338,9 @@ class _PartState:
             handle.close()
 
 
-def scan_path(files: list[Path], folder: Path, *, max_unpacked: int) -> Path:
+def scan_path(
+    files: list[Path], folder: Path, *, max_unpacked: int, max_voxels: int | None = None
+) -> Path:
     """The path to load for the uploaded ``files`` (stored by :func:`read_multipart`): one
     NIfTI/image/DICOM file, a folder of one DICOM series, or what a zip holds."""
     if not files:
@@ -250,7 +348,7 @@ def scan_path(files: list[Path], folder: Path, *, max_unpacked: int) -> Path:
     kinds = [_kind(p) for p in files]
     if len(files) == 1:
         if kinds[0] == "zip":
-            return _from_zip(files[0], folder, max_unpacked=max_unpacked)
+            return _from_zip(files[0], folder, max_unpacked=max_unpacked, max_voxels=max_voxels)
         if kinds[0] in ("unknown", "gzip"):
             raise UploadError(415, _UNSUPPORTED)
         return files[0]
@@ -298,8 +396,50 @@ def _safe_member(name: str) -> bool:
     return ".." not in PurePosixPath(name.replace("\\", "/")).parts
 
 
-def _from_zip(archive: Path, folder: Path, *, max_unpacked: int) -> Path:
-    """Extract ``archive`` flat under generated names; refuse unsafe paths and zip bombs."""
+_HEAD_BYTES = 64 * 1024
+
+
+def _header_voxels(kind: str, head: bytes, size: int) -> int:
+    """Voxels a scan file promises, from its first bytes (before its pixels are written)."""
+    if kind == "dicom":
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True)
+            dims = [ds.get(t, 1) or 1 for t in ("NumberOfFrames", "Rows", "Columns")]
+            n = int(dims[0]) * int(dims[1]) * int(dims[2]) * int(ds.get("SamplesPerPixel", 1) or 1)
+            return n if n > 0 else size // 2
+        except Exception:  # a header longer than the head, or garbage: assume 16-bit pixels
+            return size // 2
+    if kind in ("nifti", "nifti-gz"):
+        header = _gunzip_head(head, 540) if kind == "nifti-gz" else head[:540]
+        return _nifti_voxels(header) or size
+    return size // 3  # a raster image: at least one byte per channel of RGB
+
+
+def _nifti_voxels(header: bytes) -> int | None:
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dim = struct.unpack(endian + "8h", header[40:56])
+        elif len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            dim = struct.unpack(endian + "8q", header[16:80])
+        else:
+            continue
+        n = 1
+        for d in dim[1 : 1 + max(1, min(int(dim[0]), 7))]:
+            n *= max(int(d), 1)
+        return n
+    return None
+
+
+def _from_zip(
+    archive: Path, folder: Path, *, max_unpacked: int, max_voxels: int | None = None
+) -> Path:
+    """Extract ``archive`` flat under generated names; refuse unsafe paths and zip bombs.
+
+    Each member's kind is read from its first bytes and members that are no scan are never
+    written; the voxels the scan members' headers promise are added up and the archive is
+    refused (413) past ``max_voxels`` before their pixels reach the disk."""
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -314,9 +454,20 @@ def _from_zip(archive: Path, folder: Path, *, max_unpacked: int) -> Path:
             raise UploadError(400, "the zip holds an entry with an absolute or '..' path")
         if sum(m.file_size for m in members) > max_unpacked:
             raise UploadError(413, _unpacked_too_large(max_unpacked))
+        try:
+            heads = _member_heads(zf, [m for m in members if not m.is_dir()])
+        except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, ValueError) as exc:
+            raise UploadError(400, "a zip entry cannot be extracted") from exc
+        scans = [(m, head, kind) for m, head, kind in heads if kind in _SCAN_KINDS]
+        if max_voxels is not None:
+            voxels = sum(_header_voxels(kind, head, m.file_size) for m, head, kind in scans)
+            if voxels > max_voxels:
+                raise UploadError(
+                    413, f"the zip's scans have {voxels} voxels; at most {max_voxels} are decoded"
+                )
         total = 0
         extracted: list[Path] = []
-        for n, member in enumerate(m for m in members if not m.is_dir()):
+        for n, (member, _, _) in enumerate(scans):
             target = out / f"member-{n:05d}"
             try:
                 with zf.open(member) as src, target.open("wb") as dst:
@@ -343,6 +494,21 @@ def _from_zip(archive: Path, folder: Path, *, max_unpacked: int) -> Path:
     raise UploadError(
         400, "the zip must hold the DICOM files of one series, or a single NIfTI or image"
     )
+
+
+_SCAN_KINDS = ("dicom", "nifti", "nifti-gz", *_IMAGE_SUFFIX)
+
+
+def _member_heads(
+    zf: zipfile.ZipFile, members: list[zipfile.ZipInfo]
+) -> list[tuple[zipfile.ZipInfo, bytes, str]]:
+    """Each member's first 64 KiB (decompressed) and the kind they show."""
+    heads = []
+    for member in members:
+        with zf.open(member) as src:
+            head = src.read(_HEAD_BYTES)
+        heads.append((member, head, sniff_bytes(head)))
+    return heads
 
 
 def _unpacked_too_large(limit: int) -> str:

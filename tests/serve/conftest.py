@@ -86,7 +86,7 @@ class PredictorProxy:
             self.after_prepare(items)
         return items
 
-    def run(self, items: list[Any], max_new_tokens: int = 200) -> list[Any]:
+    def run(self, items: list[Any], max_new_tokens: int = 200, **kwargs: Any) -> list[Any]:
         self.run_calls.append(
             {
                 "n_items": len(items),
@@ -96,7 +96,7 @@ class PredictorProxy:
         )
         if self.before_run is not None:
             self.before_run(items)
-        return self.real.run(items, max_new_tokens=max_new_tokens)
+        return self.real.run(items, max_new_tokens=max_new_tokens, **kwargs)
 
 
 class GroundTruthPredictor(PredictorProxy):
@@ -130,8 +130,8 @@ class GroundTruthPredictor(PredictorProxy):
         ]
         return GroundedText(decoded.text, spans, decoded.problems)
 
-    def run(self, items: list[Any], max_new_tokens: int = 200) -> list[Any]:
-        preds = super().run(items, max_new_tokens=max_new_tokens)
+    def run(self, items: list[Any], max_new_tokens: int = 200, **kwargs: Any) -> list[Any]:
+        preds = super().run(items, max_new_tokens=max_new_tokens, **kwargs)
         for pred in preds:
             pred.raw_text = self.markup
             pred.grounded = self.grounded(pred.width, pred.height)

@@ -28,6 +28,7 @@ from radgrounder.serve.batching import Batcher
 from radgrounder.visualize import class_color
 from tests.serve.conftest import NIFTI, GroundTruthPredictor, PredictorProxy, live_server
 
+BASE = "http://127.0.0.1"  # the Host the app answers to (loopback names by default)
 TOKENS = "6"  # max_new_tokens for the tiny models: fast, and enough for the tests
 
 
@@ -61,7 +62,7 @@ def check_prediction(pred: dict[str, Any]) -> None:
 
 @pytest.fixture
 def client(detection_predictor: Any) -> TestClient:
-    with TestClient(create_app(detection_predictor)) as c:
+    with TestClient(create_app(detection_predictor), base_url=BASE) as c:
         yield c
 
 
@@ -162,7 +163,7 @@ def test_predict_on_nifti_and_png(client: TestClient, tmp_path: Path) -> None:
 def test_grounded_boxes_from_the_detection_model(
     detection_predictor: Any, dicom_files: list[Path]
 ) -> None:
-    with TestClient(create_app(GroundTruthPredictor(detection_predictor))) as c:
+    with TestClient(create_app(GroundTruthPredictor(detection_predictor)), base_url=BASE) as c:
         r = c.post("/v1/predict", files=multipart(dicom_files), data={"max_new_tokens": TOKENS})
     assert r.status_code == 200, r.text
     (pred,) = r.json()["predictions"]
@@ -178,7 +179,7 @@ def test_masks_from_the_segmentation_model(
     segmentation_predictor: Any, dicom_files: list[Path]
 ) -> None:
     proxy = GroundTruthPredictor(segmentation_predictor)
-    with TestClient(create_app(proxy)) as c:
+    with TestClient(create_app(proxy), base_url=BASE) as c:
         model = c.get("/v1/model").json()
         assert model["variant"] == "segmentation" and "segment" in model["tasks"]
         r = c.post(
@@ -198,7 +199,7 @@ def test_masks_from_the_segmentation_model(
 def test_real_segmentation_output_is_well_formed(
     segmentation_predictor: Any, dicom_files: list[Path]
 ) -> None:
-    with TestClient(create_app(segmentation_predictor)) as c:
+    with TestClient(create_app(segmentation_predictor), base_url=BASE) as c:
         r = c.post("/v1/predict", files=multipart(dicom_files[:4]), data={"max_new_tokens": "8"})
     assert r.status_code == 200, r.text
     for pred in r.json()["predictions"]:
@@ -212,7 +213,7 @@ def test_real_segmentation_output_is_well_formed(
 
 
 def test_bearer_token(detection_predictor: Any) -> None:
-    with TestClient(create_app(detection_predictor, token="s3cret")) as c:
+    with TestClient(create_app(detection_predictor, token="s3cret"), base_url=BASE) as c:
         assert c.get("/v1/health").status_code == 200
         assert c.get("/").status_code == 200
         assert c.get("/static/viewer.js").status_code == 200
@@ -220,9 +221,23 @@ def test_bearer_token(detection_predictor: Any) -> None:
             r = c.get("/v1/model", headers=headers)
             assert r.status_code == 401 and "token" in r.json()["detail"]
             assert r.headers["www-authenticate"] == "Bearer" and r.headers["x-request-id"]
-        assert c.get("/openapi.json").status_code == 401
-        r = c.post("/v1/slices", files=[("files", ("a.dcm", b"x"))])
-        assert r.status_code == 401
+        # The API description is open; it declares the bearer scheme for Swagger's Authorize.
+        schema = c.get("/openapi.json").json()
+        assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+        assert {"HTTPBearer": []} in schema["paths"]["/v1/studies"]["post"]["security"]
+        assert c.get("/docs").status_code == 200
+        for method, path in (
+            ("post", "/v1/slices"),
+            ("post", "/v1/studies"),
+            ("get", "/v1/studies/0123"),
+            ("delete", "/v1/studies/0123"),
+            ("get", "/v1/studies/0123/slices/0/pixels"),
+            ("post", "/v1/studies/0123/predict"),
+        ):
+            r = c.request(
+                method, path, files=[("files", ("a.dcm", b"x"))] if method == "post" else None
+            )
+            assert r.status_code == 401, (method, path)
         ok = {"Authorization": "Bearer s3cret"}
         assert c.get("/v1/model", headers=ok).json()["variant"] == "detection"
         data = {"max_new_tokens": "2"}
@@ -271,7 +286,7 @@ async def post_chunks(app: Any, n_chunks: int, size: int) -> tuple[int, str, int
 def test_upload_size_limit(detection_predictor: Any) -> None:
     limit = 1024**2
     assert NIFTI.stat().st_size < limit - 10_000
-    with TestClient(create_app(detection_predictor, max_upload_bytes=limit)) as c:
+    with TestClient(create_app(detection_predictor, max_upload_bytes=limit), base_url=BASE) as c:
         # Content-Length over the limit.
         r = c.post("/v1/slices", files=[("files", ("big.dcm", b"\0" * (limit + 1)))])
         assert r.status_code == 413 and "too large" in r.json()["detail"]
@@ -288,7 +303,9 @@ def test_zip_bomb(detection_predictor: Any, dicom_files: list[Path]) -> None:
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("a.dcm", b"\0" * (64 * 1024**2))
     assert len(buffer.getvalue()) < 1024**2
-    with TestClient(create_app(detection_predictor, max_upload_bytes=4 * 1024**2)) as c:
+    with TestClient(
+        create_app(detection_predictor, max_upload_bytes=4 * 1024**2), base_url=BASE
+    ) as c:
         r = c.post("/v1/slices", files=[("files", ("bomb.zip", buffer.getvalue()))])
         assert r.status_code == 413 and "unpacks to more than" in r.json()["detail"]
 
@@ -378,7 +395,7 @@ def test_model_errors_give_500_and_the_server_keeps_serving(detection_predictor:
         raise RuntimeError("CUDA out of memory on Jane Doe")
 
     proxy.before_run = fail
-    with TestClient(create_app(proxy)) as c:
+    with TestClient(create_app(proxy), base_url=BASE) as c:
         r = c.post("/v1/predict", files=multipart([NIFTI]), data={"max_new_tokens": TOKENS})
         assert r.status_code == 500
         assert "generation failed" in r.json()["detail"] and "Jane" not in r.json()["detail"]
@@ -395,20 +412,25 @@ def test_uploads_live_in_private_temp_dirs_that_are_removed(
     monkeypatch.setattr(tempfile, "tempdir", str(root))
     seen: list[tuple[int, list[str]]] = []
 
+    def uploads() -> list[Path]:
+        return sorted(root.glob("radgrounder-upload-*"))
+
     def look(items: list[Any]) -> None:
-        (folder,) = root.iterdir()
+        (folder,) = uploads()
         seen.append((stat.S_IMODE(folder.stat().st_mode), sorted(os.listdir(folder))))
 
     proxy = PredictorProxy(detection_predictor)
     proxy.after_prepare = look
-    with TestClient(create_app(proxy, max_upload_bytes=8 * 1024**2)) as c:
+    with TestClient(create_app(proxy, max_upload_bytes=8 * 1024**2), base_url=BASE) as c:
+        (studies,) = root.glob("radgrounder-studies-*")
+        assert stat.S_IMODE(studies.stat().st_mode) == 0o700
         r = c.post(
             "/v1/predict",
             files=[("files", ("Jane_Doe.zip", zipped(dicom_files)))],
             data={"max_new_tokens": TOKENS},
         )
         assert r.status_code == 200
-        assert list(root.iterdir()) == []
+        assert uploads() == []
         assert c.post("/v1/slices", files=multipart(dicom_files[:3])).status_code == 200
         assert c.post("/v1/slices", files=[("files", ("a.dcm", b"junk"))]).status_code == 415
         bomb = [("files", ("b.zip", _zip_with("a", b"\0" * (40 * 1024**2))))]
@@ -417,7 +439,17 @@ def test_uploads_live_in_private_temp_dirs_that_are_removed(
         assert c.post("/v1/slices", files=big).status_code == 413
         r = c.post("/v1/predict", files=multipart(dicom_files), data={"slice": "99"})
         assert r.status_code == 422
-        assert list(root.iterdir()) == []
+        assert uploads() == []
+        # A stored study lives in its own private folder until it is deleted.
+        sid = c.post("/v1/studies", files=multipart(dicom_files[:3])).json()["study_id"]
+        (folder,) = studies.iterdir()
+        assert folder.name == sid and stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert uploads() == []
+        assert c.delete(f"/v1/studies/{sid}").status_code == 204
+        assert list(studies.iterdir()) == []
+        c.post("/v1/studies", files=multipart(dicom_files[:3]))
+    # Shutdown deletes every stored study.
+    assert list(root.iterdir()) == []
     # While preparing, the upload sat in one private folder under generated names.
     mode, names = seen[0]
     assert mode == 0o700
@@ -512,37 +544,58 @@ def test_batcher_groups_by_max_new_tokens_and_caps_batches() -> None:
     finally:
         batcher.stop()
     assert results == [["a1:5", "a2:5"], ["b1:7"], ["c1:5", "c2:5"]]
-    assert sorted(calls, key=lambda c: (c[1], c[0])) == [
-        (["a1", "a2"], 5),
-        (["c1", "c2"], 5),
-        (["b1"], 7),
-    ]
+    # Calls of at most 3 items, one item of each waiting job in turn (round robin), grouped
+    # by max_new_tokens: each call serves the oldest waiting job's value.
+    assert calls == [(["a1", "c1", "a2"], 5), (["b1"], 7), (["c2"], 5)]
 
 
 # -- serve() --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("host", "token", "warns"),
-    [("127.0.0.1", None, False), ("0.0.0.0", None, True), ("0.0.0.0", "t", False)],
+    ("host", "token", "insecure", "outcome"),
+    [
+        ("127.0.0.1", None, False, "serves"),
+        ("0.0.0.0", None, False, "refuses"),
+        ("0.0.0.0", None, True, "warns"),
+        ("0.0.0.0", "t" * 20, False, "serves"),
+    ],
 )
-def test_serve_binds_and_warns(
-    detection_model: Path, monkeypatch, caplog, host: str, token: str | None, warns: bool
+def test_serve_binds_refuses_and_warns(
+    detection_model: Path,
+    monkeypatch,
+    caplog,
+    host: str,
+    token: str | None,
+    insecure: bool,
+    outcome: str,
 ) -> None:
     import uvicorn
 
+    from radgrounder.errors import RadGrounderError
     from radgrounder.serve.app import serve
+    from radgrounder.serve.protocol import HeaderTimeoutH11Protocol
 
     called: dict[str, Any] = {}
-    monkeypatch.setattr(
-        uvicorn, "run", lambda app, **kw: called.update(app=app, **kw), raising=True
-    )
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: called.update(config=self.config))
     caplog.set_level(logging.WARNING, logger="radgrounder.serve")
-    serve(detection_model, host=host, port=8123, token=token, max_upload_mb=3)
-    assert (called["host"], called["port"]) == (host, 8123)
-    with TestClient(called["app"]) as c:
+    kwargs = {"token": token, "max_upload_mb": 3, "insecure_no_token": insecure}
+    if outcome == "refuses":
+        with pytest.raises(RadGrounderError, match=r"without a token.*--insecure-no-token"):
+            serve(detection_model, host=host, port=8123, **kwargs)
+        return
+    serve(detection_model, host=host, port=8123, allowed_hosts=["scanner.example"], **kwargs)
+    config = called["config"]
+    assert (config.host, config.port) == (host, 8123)
+    # The connection limits of docs/serving.md.
+    assert issubclass(config.http, HeaderTimeoutH11Protocol) and config.http.header_timeout_s == 10
+    assert (config.timeout_keep_alive, config.limit_concurrency) == (5, 256)
+    assert config.access_log is False
+    with TestClient(config.app, base_url=BASE) as c:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         assert c.get("/v1/model", headers=headers).status_code == 200
         big = [("files", ("a.dcm", b"\0" * (3 * 1024**2 + 1)))]
         assert c.post("/v1/slices", files=big, headers=headers).status_code == 413
-    assert ("without a token" in caplog.text) == warns
+        assert c.get("http://scanner.example/v1/health").status_code == 200
+        assert c.get("http://other.example/v1/health").status_code == 400
+    assert ("WITHOUT a token" in caplog.text) == (outcome == "warns")
