@@ -42,6 +42,7 @@ class _Job:
     next_unit: int = 0
     cancelled: bool = False  # set from the event loop: the client left or timed out
     settled: bool = False
+    counted: int = 0  # this job's items still counted as pending (admission)
 
     @property
     def n_items(self) -> int:
@@ -167,14 +168,15 @@ class Batcher:
             return []
         units = _units(items)
         n = sum(len(u) for u in units)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        job = _Job(units, int(max_new_tokens), loop, loop.create_future(), deadline)
         with self._lock:
             if self._pending and self._pending + n > self.max_queued:
                 raise QueueFull(self._retry_after_locked())
             self._pending += n
+            job.counted = n
         self.start()
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        job = _Job(units, int(max_new_tokens), loop, loop.create_future(), deadline)
         self._queue.put(job)
         try:
             if timeout_s is None:
@@ -186,12 +188,19 @@ class Batcher:
         finally:
             if not job.future.done():
                 job.cancelled = True
+                # Admission frees its place now, not when the worker next looks at it.
+                self._uncount(job, job.n_items)
 
     # -- worker thread -------------------------------------------------------------------
 
-    def _release(self, job: _Job) -> None:
+    def _uncount(self, job: _Job, n: int) -> None:
         with self._lock:
-            self._pending -= job.remaining_items
+            n = min(n, job.counted)
+            job.counted -= n
+            self._pending -= n
+
+    def _release(self, job: _Job) -> None:
+        self._uncount(job, job.n_items)
         job.next_unit = len(job.units)
 
     def _drain(self, active: list[_Job], block: bool) -> bool:
@@ -299,8 +308,8 @@ class Batcher:
         self.stats["items"] += len(items)
         with self._lock:
             self._call_seconds = 0.7 * self._call_seconds + 0.3 * elapsed
-            self._pending -= len(items)
-        for (job, _), result in zip(chunk, results, strict=True):
+        for (job, unit), result in zip(chunk, results, strict=True):
+            self._uncount(job, len(unit))
             job.results.append(result)
             job.next_unit += 1
 

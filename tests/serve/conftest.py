@@ -139,13 +139,19 @@ class GroundTruthPredictor(PredictorProxy):
 
 
 @contextlib.contextmanager
-def live_server(app: Any) -> Iterator[str]:
+def live_server(app: Any, **config: Any) -> Iterator[str]:
     """Run ``app`` with uvicorn on 127.0.0.1 (an ephemeral port) in a thread; yields the
-    base URL and stops the server afterwards."""
+    base URL and stops the server afterwards. ``config``: more ``uvicorn.Config`` options."""
     import uvicorn
 
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on"
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        **config,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
