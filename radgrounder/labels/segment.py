@@ -305,6 +305,13 @@ def _skip_state(marker: Path, label: Path, task: str | None, fast: bool) -> str 
     )
 
 
+def _finished_since(job: _Job, started: float) -> bool:
+    try:
+        return job.label_path.is_file() and job.marker_path.stat().st_mtime >= started
+    except OSError:
+        return False
+
+
 def _run_jobs(jobs: list[_Job], workers: int) -> Iterator[tuple[_Job, str | None]]:
     if workers == 1 or not jobs:
         for job in jobs:
@@ -313,13 +320,22 @@ def _run_jobs(jobs: list[_Job], workers: int) -> Iterator[tuple[_Job, str | None
     # spawn, not fork: a forked child of a process that has touched CUDA cannot use it.
     ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx)
+    started = time.time()
     try:
         futures = {pool.submit(_segment_one, job): job for job in jobs}
         for fut in as_completed(futures):
             try:
                 error = fut.result()
             except BrokenProcessPool:
-                error = "a worker process died (crash or out of memory) while this scan was running"
+                # A scan that finished just before another worker died is done (its marker
+                # is written last, after this run started), though its result never came.
+                error = (
+                    None
+                    if _finished_since(futures[fut], started)
+                    else (
+                        "a worker process died (crash or out of memory) while this scan was running"
+                    )
+                )
             except Exception as exc:
                 error = _describe(exc)
             yield futures[fut], error

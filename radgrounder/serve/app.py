@@ -524,7 +524,9 @@ def create_app(
         def render() -> bytes:
             image = display_image(study.volume.data[k], study.volume.modality, preset=name)
             buffer = io.BytesIO()
-            Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
+            Image.fromarray(np.ascontiguousarray(image)).save(
+                buffer, format="PNG", compress_level=3
+            )
             return buffer.getvalue()
 
         return Response(await anyio.to_thread.run_sync(render), media_type="image/png")
@@ -590,6 +592,25 @@ def read_token_file(path: str | os.PathLike[str]) -> str:
     return token
 
 
+def uvicorn_config(app: Any, limits: ServeLimits, **options: Any) -> Any:
+    """The ``uvicorn.Config`` :func:`serve` runs ``app`` with: the header timeout, keep-alive
+    timeout and connection limit of ``limits``, a 16 KiB cap on incomplete request heads, no
+    access log (the middleware logs every request with its id; uvicorn's log would add client
+    addresses and query strings). ``options``: host, port, log_level, ..."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        access_log=False,
+        http=HeaderTimeoutH11Protocol.with_timeout(limits.header_timeout_s),
+        timeout_keep_alive=limits.keep_alive_timeout_s,
+        limit_concurrency=limits.max_connections,
+        h11_max_incomplete_event_size=16 * 1024,
+        timeout_graceful_shutdown=10,
+        **options,
+    )
+
+
 def serve(
     model_path: str | os.PathLike[str],
     host: str = "127.0.0.1",
@@ -627,19 +648,7 @@ def serve(
     predictor = Predictor(model_path, device=device, max_prompt_tokens=limits.max_prompt_tokens)
     hosts = allowed_hosts_for(host, allowed_hosts)
     app = create_app(predictor, token=token, limits=limits, allowed_hosts=hosts)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        # Our middleware logs every request with its id; uvicorn's access log would add
-        # client addresses and query strings.
-        access_log=False,
-        http=HeaderTimeoutH11Protocol.with_timeout(limits.header_timeout_s),
-        timeout_keep_alive=limits.keep_alive_timeout_s,
-        limit_concurrency=limits.max_connections,
-        h11_max_incomplete_event_size=16 * 1024,
-        timeout_graceful_shutdown=10,
-    )
+    config = uvicorn_config(app, limits, host=host, port=port)
     logger.info(
         "serving %s on http://%s:%d/ (hosts: %s)",
         predictor.variant,
