@@ -168,18 +168,8 @@ async def read_multipart(
         },
     )
     received = 0
-    started = time.monotonic()
-    iterator = chunks.__aiter__()
     try:
-        while True:
-            wait = _wait(idle_timeout_s, timeout_s, started)
-            try:
-                with anyio.fail_after(wait):
-                    chunk = await iterator.__anext__()
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
-                raise UploadError(408, _slow_upload(idle_timeout_s, timeout_s)) from None
+        async for chunk in _timed(chunks, idle_timeout_s, timeout_s):
             received += len(chunk)
             if received > max_bytes:
                 raise UploadError(413, _too_large(max_bytes))
@@ -213,17 +203,7 @@ async def read_urlencoded(
     if content_length is not None and content_length.isdigit() and int(content_length) > limit:
         raise UploadError(413, f"form too large: at most {MAX_FIELDS} fields of 64 KiB")
     body = bytearray()
-    started = time.monotonic()
-    iterator = chunks.__aiter__()
-    while True:
-        wait = _wait(idle_timeout_s, timeout_s, started)
-        try:
-            with anyio.fail_after(wait):
-                chunk = await iterator.__anext__()
-        except StopAsyncIteration:
-            break
-        except TimeoutError:
-            raise UploadError(408, _slow_upload(idle_timeout_s, timeout_s)) from None
+    async for chunk in _timed(chunks, idle_timeout_s, timeout_s):
         body += chunk
         if len(body) > limit:
             raise UploadError(413, f"form too large: at most {MAX_FIELDS} fields of 64 KiB")
@@ -241,13 +221,25 @@ async def read_urlencoded(
     return fields
 
 
-def _wait(idle_timeout_s: float | None, timeout_s: float | None, started: float) -> float | None:
-    """How long to wait for the next body chunk."""
-    wait = idle_timeout_s
-    if timeout_s is not None:
-        left = timeout_s - (time.monotonic() - started)
-        wait = left if wait is None else min(wait, left)
-    return None if wait is None else max(wait, 0.0)
+async def _timed(
+    chunks: AsyncIterator[bytes], idle_timeout_s: float | None, timeout_s: float | None
+) -> AsyncIterator[bytes]:
+    """``chunks``, or 408 when none arrives for ``idle_timeout_s`` or all take ``timeout_s``."""
+    started = time.monotonic()
+    iterator = chunks.__aiter__()
+    while True:
+        wait = idle_timeout_s
+        if timeout_s is not None:
+            left = timeout_s - (time.monotonic() - started)
+            wait = left if wait is None else min(wait, left)
+        try:
+            with anyio.fail_after(None if wait is None else max(wait, 0.0)):
+                chunk = await iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise UploadError(408, _slow_upload(idle_timeout_s, timeout_s)) from None
+        yield chunk
 
 
 def _slow_upload(idle_timeout_s: float | None, timeout_s: float | None) -> str:
