@@ -54,9 +54,9 @@ import torch
 from machine import cpu_model  # benchmarks/machine.py
 from torch import nn
 
+from radgrounder.datasets import Example
 from radgrounder.modeling import init_model, load_model
 from radgrounder.training.collate import image_seq_length, make_batch
-from radgrounder.training.data import Example
 from radgrounder.training.objective import TrainingObjective
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from machine import cpu_model  # benchmarks/machine.py
 
+from radgrounder.datasets import Example
 from radgrounder.modeling import init_model, load_model
 from radgrounder.training.collate import image_seq_length, make_batch
-from radgrounder.training.data import Example
 from radgrounder.training.objective import TrainingObjective
 
 GIB = 2**30

@@ -31,9 +31,9 @@ import torch.distributed as dist
 from machine import cpu_model  # benchmarks/machine.py
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from radgrounder.datasets import Example
 from radgrounder.modeling import init_model, load_model
 from radgrounder.training.collate import make_batch
-from radgrounder.training.data import Example
 from radgrounder.training.objective import TrainingObjective
 
 UNSTABLE_SPREAD = 0.25

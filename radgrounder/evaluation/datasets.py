@@ -10,7 +10,6 @@ prompt is byte for byte what the model was trained on.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +17,18 @@ from typing import Any
 
 import numpy as np
 
+from radgrounder.datasets import Example
+from radgrounder.datasets.slake import SlakeSource
+from radgrounder.datasets.vqa import VQASource
+from radgrounder.datasets.vqa_rad import OFFICIAL_FILE, VqaRadOfficialSource, VqaRadSource
 from radgrounder.errors import RadGrounderError
 from radgrounder.training.config import SourceConfig
-from radgrounder.training.data import Example, SlakeSource, VqaRadSource, _VQASource
 
 log = logging.getLogger(__name__)
 
 DATASETS = ("slake", "vqa-rad", "vqa-rad-official", "built", "refrad2d")
 COMPAT_MODES = ("none", "reference")
 BUILT_TASKS = ("grounded-report", "report", "vqa", "grounded-vqa")
-_OFFICIAL_FILE = "VQA_RAD Dataset Public.json"
 
 
 @dataclass(frozen=True)
@@ -38,47 +39,6 @@ class EvalItem:
     index: int
     id: str
     image_ref: str
-
-
-class VqaRadOfficialSource(_VQASource):
-    """VQA-RAD's own public split (``VQA_RAD Dataset Public.json``): questions whose
-    ``phrase_type`` starts with ``test`` form the test split (451), the rest train."""
-
-    rgb_stats = "vqa_rad"
-
-    def __init__(self, root: Path, split: str, images: Path, *, preset: str, size: int) -> None:
-        self.name = "vqa-rad-official"
-        path = root / _OFFICIAL_FILE
-        if not path.is_file():
-            raise RadGrounderError(f"VQA-RAD official file {_OFFICIAL_FILE!r} not found", path=path)
-        if split not in ("train", "test"):
-            raise RadGrounderError(
-                f"split: the official VQA-RAD split has train and test, not {split!r}"
-            )
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise RadGrounderError(f"not valid JSON ({exc})", path=path) from None
-        items = []
-        for n, r in enumerate(raw):
-            try:
-                is_test = str(r["phrase_type"]).strip().lower().startswith("test")
-                if is_test != (split == "test"):
-                    continue
-                items.append(
-                    {
-                        "image": r["image_name"],
-                        "question": r["question"],
-                        "answer": str(r["answer"]),
-                        "question_type": str(r["answer_type"]).strip().lower(),
-                        "qid": r.get("qid", n),
-                    }
-                )
-            except (KeyError, TypeError) as exc:
-                raise RadGrounderError(f"entry {n}: missing field {exc}", path=path) from None
-        if not images.is_dir():
-            raise RadGrounderError("VQA-RAD image folder not found", path=images)
-        super().__init__(items, images, preset=preset, size=size)
 
 
 class EvalDataset:
@@ -122,7 +82,7 @@ class EvalDataset:
         return h.hexdigest()
 
 
-def _vqa_items(source: _VQASource, prefix: str) -> tuple[list[EvalItem], list[Path]]:
+def _vqa_items(source: VQASource, prefix: str) -> tuple[list[EvalItem], list[Path]]:
     items, files = [], []
     for i, it in enumerate(source.items):
         qid = it.get("qid", i)
@@ -186,11 +146,11 @@ def open_dataset(
         img = Path(images) if images else root / "images"
         src = VqaRadOfficialSource(root, split, img, preset=preset, size=size)
         items, files = _vqa_items(src, "vqa-rad-official")
-        files.append(root / _OFFICIAL_FILE)
+        files.append(root / OFFICIAL_FILE)
     elif name == "built":
         src, items, files = _built(root, split, variant, preset, size, tasks, langs)
     else:
-        from radgrounder.training.refrad2d import RefRad2DSource
+        from radgrounder.datasets.refrad2d import RefRad2DSource
 
         src = RefRad2DSource(
             SourceConfig(kind="refrad2d", path=str(root), split=split, languages=langs),
@@ -217,8 +177,8 @@ def open_dataset(
 
 
 def _built(root, split, variant, preset, size, tasks, langs):
+    from radgrounder.datasets.built import BuiltSource
     from radgrounder.labels.dataset import GroundedDataset
-    from radgrounder.training.data import BuiltSource
 
     if tasks is None:
         present = {row["task"] for row in GroundedDataset(root).samples(split)}

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from radgrounder.datasets import Example
 from radgrounder.modeling.generation import Generated, generate
 from radgrounder.training.collate import image_seq_length, make_batch
-from radgrounder.training.data import Example
 
 
 def generate_examples(

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from radgrounder.datasets import Example
 from radgrounder.errors import RadGrounderError
 from radgrounder.grounding import GroundedText, Span, codec
 from radgrounder.imaging import (
@@ -26,7 +27,6 @@ from radgrounder.imaging import (
     resize_nearest,
 )
 from radgrounder.prompts import build_prompt
-from radgrounder.training.data import Example
 
 LANGUAGES = ("en", "de")
 TASKS = {

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from radgrounder.datasets import Example
 from radgrounder.prompts import collate_examples, encode_example
-from radgrounder.training.data import Example
 
 
 def image_seq_length(config: Any) -> int:

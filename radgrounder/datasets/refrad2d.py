@@ -14,17 +14,19 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from radgrounder.datasets.example import TASK_PROMPT, Example, resize_mask
 from radgrounder.errors import RadGrounderError
 from radgrounder.grounding import Box
 from radgrounder.imaging import preprocess_slice
 from radgrounder.labels.regions import part_ids, union_pixel_box
 from radgrounder.prompts import build_prompt
-from radgrounder.training.config import SourceConfig
-from radgrounder.training.data import TASK_PROMPT, Example, _resize_mask
+
+if TYPE_CHECKING:
+    from radgrounder.training.config import SourceConfig
 
 _LANG = {"en": ("english", "keywords_eng"), "de": ("german", "keywords_de")}
 
@@ -117,7 +119,7 @@ class RefRad2DSource:
                 out.append(f"<p bbox={locs} id=<seg{cid:03d}>>{kw}</p>")
             else:
                 out.append(f"<seg>{kw}</seg>")
-                masks.append(_resize_mask(np.isin(labels, part_ids(cid)), self.size))
+                masks.append(resize_mask(np.isin(labels, part_ids(cid)), self.size))
             pos = end
         out.append(text[pos:])
         return "".join(out), masks
