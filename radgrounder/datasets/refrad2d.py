@@ -23,12 +23,29 @@ from radgrounder.errors import RadGrounderError
 from radgrounder.grounding import Box
 from radgrounder.imaging import preprocess_slice
 from radgrounder.labels.regions import part_ids, union_pixel_box
-from radgrounder.prompts import build_prompt
+from radgrounder.prompts import build_prompt, clean_punctuation
 
 if TYPE_CHECKING:
     from radgrounder.training.config import SourceConfig
 
 _LANG = {"en": ("english", "keywords_eng"), "de": ("german", "keywords_de")}
+
+
+def segmentation_keywords(keywords: list) -> list:
+    """The segmentation loader's keyword order and filter (spec §2.3): longest first, and a
+    keyword contained in another keyword is dropped (``Niere`` beside ``linke Niere``), so
+    it is tagged nowhere."""
+    ordered = sorted(keywords, key=lambda k: -len(k[0]))
+    names = [k[0] for k in ordered]
+    return [k for k in ordered if not any(k[0] != o and k[0] in o for o in names)]
+
+
+def _choices(item: dict[str, Any]) -> list[str] | None:
+    """Answer choices as the reference appends them: only for ``multiple`` questions, one
+    per line; an empty list still adds its (empty) line."""
+    if str(item.get("question_type", "")).strip().lower() != "multiple":
+        return None
+    return [str(c) for c in item.get("choices") or []] or [""]
 
 
 class RefRad2DSource:
@@ -94,9 +111,7 @@ class RefRad2DSource:
         boxes = {}
         for x1, y1, x2, y2, cid in entry["bboxes"]:
             boxes.setdefault(int(cid), (x1, y1, x2, y2))
-        order = (
-            keywords if self.variant == "detection" else sorted(keywords, key=lambda k: -len(k[0]))
-        )
+        order = keywords if self.variant == "detection" else segmentation_keywords(keywords)
         spans: list[tuple[int, int, str, int]] = []
 
         def union(cid: int) -> tuple | None:
@@ -131,7 +146,8 @@ class RefRad2DSource:
         image = preprocess_slice(pixels, modality, preset=self.preset, size=self.size)
         entry = self.index.get(rsopid)
         keywords = (entry or {}).get(_LANG[lang][1]) or []
-        text = fields["CleanedSentence"]
+        # The stored sentence is cleaned again, as the reference's loaders do (spec §1.7).
+        text = clean_punctuation(fields["CleanedSentence"] or "")
         if entry and keywords and text:
             labels = None
             if self.variant == "segmentation":
@@ -143,7 +159,7 @@ class RefRad2DSource:
             if vqa and (not text or rng.random() < 0.5):
                 item = vqa[int(rng.integers(len(vqa)))]
                 prompt = build_prompt(
-                    "vqa", lang, question=item["question"], choices=item.get("choices") or None
+                    "vqa", lang, question=item["question"], choices=_choices(item)
                 )
                 return Example(
                     f"{rsopid}/{lang}/vqa",

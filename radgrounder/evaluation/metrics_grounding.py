@@ -169,9 +169,9 @@ def grounding_iou(
 
     ``denominator="max"`` (our definition and the detection evaluator's):
     G-IoU = sum_pairs IoU * sim / max(n_ref, n_pred); 0.0 if either side is empty.
-    ``denominator="matched"`` (segmentation evaluator): pairs with similarity <= 0 do not
-    count as matched; G-IoU = sum IoU * sim / n_matched; 1.0 if both sides are empty, 0.0
-    if exactly one is (or nothing matched).
+    ``denominator="matched"`` (segmentation evaluator): min(n_ref, n_pred) pairs are matched,
+    also at similarity 0, and all count: G-IoU = sum IoU * sim / n_matched; 1.0 if both
+    sides are empty, 0.0 if exactly one is.
     ``overlap`` scores a (prediction region, reference region) pair: :func:`box_iou` on
     :class:`Box` regions by default, e.g. :func:`mask_iou` for masks (the segmentation
     evaluator). ``clamp=True`` clips similarities to [0, 1] before matching (the segmentation
@@ -203,8 +203,6 @@ def grounding_iou(
     pairs: list[tuple[int, int]] = []
     for _ in range(min(n_ref, n_pred)):
         ri, pi = np.unravel_index(int(np.argmax(work)), work.shape)
-        if denominator == "matched" and work[ri, pi] <= 0:
-            break
         pairs.append((int(ri), int(pi)))
         work[ri, :] = -np.inf
         work[:, pi] = -np.inf
@@ -223,3 +221,35 @@ def grounding_iou(
             (r, p, float(i), float(s)) for (r, p), i, s in zip(pairs, ious, sims, strict=True)
         ],
     }
+
+
+def grounding_iou_detect_reference(
+    pred_pairs: Sequence[tuple[str, Any]],
+    ref_pairs: Sequence[tuple[str, Any]],
+    matcher: str | Callable[[str, str], float] = "exact",
+    *,
+    overlap: Callable[[Any, Any], float] = box_iou,
+) -> float:
+    """The reference detection evaluator's sample G-IoU, its indexing bug included.
+
+    Its ``match_keywords`` takes the largest entry of the similarity matrix of the keywords
+    still unmatched (unclamped, first in row-major order on ties), then removes the two
+    keywords but not their boxes; the pair's boxes are looked up with the indices of the
+    shortened keyword lists in the full box lists. From the second match on it can score
+    the wrong boxes (GT and prediction ``LIVER, L4``: both pairs scored with the LIVER
+    boxes). Sum of IoU x similarity over max(n_ref, n_pred); 0.0 if either side is empty.
+    The published detection G-IoU came from this; :func:`grounding_iou` is the correct one.
+    """
+    sim_fn = _similarity_fn(matcher)
+    if not pred_pairs or not ref_pairs:
+        return 0.0
+    ref_words = [r[0] for r in ref_pairs]
+    pred_words = [p[0] for p in pred_pairs]
+    total = 0.0
+    while ref_words and pred_words:
+        sim = np.array([[sim_fn(p, r) for p in pred_words] for r in ref_words], dtype=float)
+        ri, pi = np.unravel_index(int(np.argmax(sim)), sim.shape)
+        total += overlap(pred_pairs[pi][1], ref_pairs[ri][1]) * float(sim[ri, pi])
+        ref_words.pop(int(ri))
+        pred_words.pop(int(pi))
+    return total / max(len(ref_pairs), len(pred_pairs))

@@ -15,6 +15,7 @@ from radgrounder.evaluation.metrics import (
     cider,
     exact_match,
     grounding_iou,
+    grounding_iou_detect_reference,
     map50,
     mask_dice,
     mask_iou,
@@ -51,11 +52,13 @@ def score_grounding(
     - ``grounding_iou`` (ours): similarity clipped to [0, 1], greedy matching, sum of
       IoU x similarity over max(n_ref, n_pred); NaN when both sides are empty (the sample
       says nothing about grounding), 0 when one side is.
-    - ``grounding_iou_detect_legacy``: the reference detection evaluator (unclipped cosine,
-      same denominator); NaN without reference keywords, so the mean over a run equals its
+    - ``grounding_iou_detect_legacy``: the reference detection evaluator exactly, including
+      its box-index bug (:func:`grounding_iou_detect_reference`; unclipped cosine, same
+      denominator); NaN without reference keywords, so the mean over a run equals its
       dataset value.
     - ``grounding_iou_segment_legacy``: the reference segmentation evaluator (clipped,
-      pairs with similarity <= 0 unmatched, over the matched count, both empty = 1).
+      min(n_ref, n_pred) pairs matched even at similarity 0, over the matched count, both
+      empty = 1).
     - ``box_iou`` / ``mask_iou`` / ``mask_dice``: mean over the pairs of ours whose
       keywords are similar at all (similarity > 0); NaN when there is none.
     """
@@ -65,11 +68,11 @@ def score_grounding(
     p = [(k, r) for k, r, _ in pred]
     g = [(k, r) for k, r, _ in ref]
     ours = grounding_iou(p, g, matcher, denominator="max", overlap=_overlap, clamp=True)
-    detect = grounding_iou(p, g, matcher, denominator="max", overlap=_overlap)
+    detect = grounding_iou_detect_reference(p, g, matcher, overlap=_overlap)
     segment = grounding_iou(p, g, matcher, denominator="matched", overlap=_overlap, clamp=True)
     out: dict[str, Any] = {
         "grounding_iou": NAN if not p and not g else ours["grounding_iou"],
-        "grounding_iou_detect_legacy": detect["grounding_iou"] if g else NAN,
+        "grounding_iou_detect_legacy": detect if g else NAN,
         "grounding_iou_segment_legacy": segment["grounding_iou"],
         "box_iou": NAN,
         "mask_iou": NAN,

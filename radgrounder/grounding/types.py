@@ -20,6 +20,12 @@ def _trunc(value: float) -> int:
     return math.floor(value + _EPS)
 
 
+def grid_step(p: float, size: int, grid: int = 224) -> int:
+    """Pixel coordinate ``p`` of a ``size``-pixel axis on the ``grid``-pixel model input,
+    truncated toward zero in float32 as the reference computes it."""
+    return int(np.float32(p) * np.float32(grid / size))
+
+
 @dataclass(frozen=True)
 class Box:
     """An axis-aligned box in normalised image coordinates, x first, each value in [0, 1]."""
@@ -53,14 +59,17 @@ class Box:
         """A box from pixel coordinates (exclusive max) on a ``width`` x ``height`` image.
 
         With ``grid`` set (default 224, as the reference does, spec §2.2) each coordinate is
-        first truncated onto the model-input grid: ``int(p * grid / W) / grid``. With
-        ``grid=None`` it is just ``p / W``. Values are clipped to [0, 1].
+        first truncated onto the model-input grid in float32 arithmetic, exactly as the
+        reference's ``bboxes *= np.float32(224 / W); bboxes.astype(int)``:
+        ``int(float32(p) * float32(grid / W)) / grid`` (so a 97-pixel-wide slice maps x = 97
+        to grid step 223, not 224). With ``grid=None`` it is just ``p / W``. Values are
+        clipped to [0, 1].
         """
         if width <= 0 or height <= 0:
             raise RadGrounderError(f"box: image size must be positive, got {width}x{height}")
 
         def norm(p: float, size: int) -> float:
-            v = _trunc(p * grid / size) / grid if grid else p / size
+            v = grid_step(p, size, grid) / grid if grid else p / size
             return min(max(v, 0.0), 1.0)
 
         a, b, c, d = norm(x1, width), norm(y1, height), norm(x2, width), norm(y2, height)

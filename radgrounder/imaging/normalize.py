@@ -121,8 +121,10 @@ def normalize(
                     "without a CT/MR modality"
                 )
             mean, std = RGB_STATS[rgb_stats]
-        else:
-            mean, std = CT_STATS if mod == "CT" else MR_STATS
+            # RGB images (SLAKE, VQA-RAD) are standardised without the [-2, 2] clamp the
+            # reference applies to CT/MR only.
+            return _chw((x - mean) / std)
+        mean, std = CT_STATS if mod == "CT" else MR_STATS
         return _chw(np.clip((x - mean) / std, -2.0, 2.0))
     if name == "min_max":
         if mod is not None:

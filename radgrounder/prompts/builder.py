@@ -66,8 +66,9 @@ def build_prefix(
     _check(style, PREFIX_STYLES, "prefix_style")
     if style == "random":
         style = _draw_style(rng)
-    info = clean_punctuation(clinical_info) if clinical_info else ""
-    question = clean_punctuation(clinical_question) if clinical_question else ""
+    # Cleaned, then stripped again (the replacements can leave edge spaces), as the reference.
+    info = clean_punctuation(clinical_info).strip() if clinical_info else ""
+    question = clean_punctuation(clinical_question).strip() if clinical_question else ""
     info_label, question_label = FIELD_LABELS[language]
     if style == "none":
         return ""

@@ -43,14 +43,17 @@ _TRANSLATE = str.maketrans(_REPLACEMENTS)
 _PUNCT = ".,:;!?"
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,:;!?])")
 _NO_SPACE_AFTER_PUNCT = re.compile(r"([.,:;!?])(?=[^\s.,:;!?])")
-_SPACE_BEFORE_NEWLINE = re.compile(r"[ \t]+\n")
+# ``\s`` includes newlines: blank lines collapse into one line break, as in the reference.
+_SPACE_BEFORE_NEWLINE = re.compile(r"\s+\n")
 
 
 def clean_punctuation(text: str) -> str:
     """The reference's ``clean_punctuation``, step for step.
 
     It splits decimals (``2.2 cm`` → ``2. 2 cm``); the released checkpoints learned that, so
-    it is kept for prompts and targets built for them.
+    it is kept for prompts and targets built for them. Blank lines collapse (``\\s+\n``), and
+    a non-empty text that strips to nothing becomes ``"."`` (a whitespace-only clinical
+    field gives ``Question: .``, as the reference's prompts do).
     """
     if not text:
         return text
@@ -58,6 +61,6 @@ def clean_punctuation(text: str) -> str:
     text = _NO_SPACE_AFTER_PUNCT.sub(r"\1 ", text)
     text = _SPACE_BEFORE_NEWLINE.sub("\n", text)
     text = text.strip()
-    if text and text[-1] not in ".!?":
+    if not text.endswith((".", "!", "?")):
         text += "."
     return text.translate(_TRANSLATE)

@@ -213,8 +213,12 @@ def test_preprocess_rgb_image(tmp_path: Path) -> None:
     resized = Image.fromarray(rgb).resize((224, 224), Image.Resampling.BICUBIC)
     x = np.asarray(resized, dtype=np.float32) / 255
     stats = preprocess_rgb_image(Image.fromarray(rgb), preset="dataset_stats", rgb_stats="slake")
-    expected = np.clip((x - 0.2526479) / 0.2969230, -2, 2).transpose(2, 0, 1)
+    # Standardised without a clamp (the reference clamps CT/MR only): bright pixels > 2.
+    expected = ((x - 0.2526479) / 0.2969230).transpose(2, 0, 1)
     np.testing.assert_allclose(stats, expected, atol=1e-6)
+    assert stats.max() > 2.4
+    ct = normalize(np.full((4, 4), 3000.0), "CT", "dataset_stats")
+    assert ct.max() == 2.0  # CT/MR keep the [-2, 2] clamp
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     with pytest.raises(RadGrounderError, match=r"broken\.png: cannot read image file"):
         preprocess_rgb_image(tmp_path / "broken.png")
