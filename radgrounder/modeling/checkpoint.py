@@ -5,6 +5,10 @@ the reference saved (``language_model.model.*``, ``vision_tower.vision_model.*``
 layout of the installed transformers' models (``model.language_model.*``,
 ``model.vision_tower.*``, ``lm_head.weight``). Keys are normalised here, explicitly, and loaded
 strictly: a checkpoint that does not fit the config is an error, never a silent re-init.
+
+``save_model`` writes what stock transformers 4.5x and 5.x both load strictly: the legacy key
+layout (what 4.54's ``save_pretrained`` writes, and 5.x maps on load), a ``config.json`` with
+both versions' field names, a portable tokenizer and a SigLIP ``preprocessor_config.json``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,12 @@ from radgrounder.modeling.configs import (
 )
 from radgrounder.modeling.grounded_gemma import GroundedGemmaForConditionalGeneration
 from radgrounder.modeling.keys import legacy_state_dict
-from radgrounder.modeling.tokenizer import GROUNDING_TOKENS
+from radgrounder.modeling.tokenizer import (
+    GROUNDING_TOKENS,
+    MASK_TOKEN,
+    load_tokenizer,
+    save_tokenizer,
+)
 
 MODEL_CLASSES: dict[str, type[PaliGemmaForConditionalGeneration]] = {
     DETECTION_ARCH: PaliGemmaForConditionalGeneration,
@@ -45,6 +54,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 __all__ = ["LoadedModel", "legacy_state_dict", "load_model", "read_state_dict", "save_model"]
@@ -194,6 +204,13 @@ def variant_of(model: Any) -> str:
 
 def _check_tokenizer(tokenizer: Any, config: PaliGemmaConfig, variant: str, folder: Path) -> None:
     vocab = config.text_config.vocab_size
+    if len(tokenizer) == vocab + 1 and tokenizer.convert_tokens_to_ids(MASK_TOKEN) == vocab:
+        raise RadGrounderError(
+            f"the tokenizer has {MASK_TOKEN} at id {vocab}, one past the model's vocabulary: the "
+            f"saved vocabulary lacks Gemma's {MASK_TOKEN} and transformers' Gemma tokenizer "
+            "appended it (load the tokenizer with mask_token=None, or with load_model)",
+            path=folder,
+        )
     if len(tokenizer) != vocab:
         raise RadGrounderError(
             f"text_config.vocab_size is {vocab} but the tokenizer has {len(tokenizer)} tokens "
@@ -231,6 +248,14 @@ def _config_from(raw: dict[str, Any], path: Path) -> PaliGemmaConfig:
         raise RadGrounderError(
             f"model_type: expected 'paligemma', got {raw.get('model_type')!r}", path=path
         )
+    # The dtype the weights are built in is chosen by load_model; a stored per-sub-config
+    # dtype (4.5x writes ``torch_dtype`` into every block) would make transformers 5.x build
+    # those sub-models in it regardless, leaving a half-fp32 model behind a bf16 request.
+    raw = dict(raw)
+    raw.pop("torch_dtype", None)
+    for name in ("text_config", "vision_config"):
+        if isinstance(raw.get(name), dict):
+            raw[name] = {k: v for k, v in raw[name].items() if k not in ("torch_dtype", "dtype")}
     try:
         return PaliGemmaConfig.from_dict(raw)
     except Exception as exc:  # transformers' strict configs raise several error types
@@ -251,17 +276,14 @@ def load_model(
     weights. ``dtype`` defaults to the stored precision. ``mask_threshold``
     (``probability``/``logit``) overrides the checkpoint's default for :func:`generate`.
     """
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     folder = _resolve(path_or_hub_id)
     raw = _read_json(folder / "config.json")
     config = _config_from(raw, folder / "config.json")
     state = read_state_dict(folder)
     variant = _detect_variant(raw, state)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except Exception as exc:  # missing/corrupt tokenizer files raise assorted types
-        raise RadGrounderError(f"cannot load the tokenizer: {exc}", path=folder) from exc
+    tokenizer = load_tokenizer(folder, vocab_size=config.text_config.vocab_size)
     tokenizer.padding_side = "left"
     _check_tokenizer(tokenizer, config, variant, folder)
 
@@ -308,7 +330,7 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
 def _write_weights(model: Any, folder: Path, max_shard_bytes: int) -> None:
     from safetensors.torch import save_file
 
-    state = keys.current_state_dict(model)
+    state = keys.legacy_state_dict(model, include_tied=False)
     shards = _shards(state, max_shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], str(folder / SAFE_SINGLE), metadata={"format": "pt"})
@@ -323,6 +345,45 @@ def _write_weights(model: Any, folder: Path, max_shard_bytes: int) -> None:
     (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 
+def _write_config(config: PaliGemmaConfig, folder: Path) -> None:
+    """``config.json`` as transformers 5.x writes it plus ``text_config.rope_theta``, which
+    4.5x reads instead of ``rope_parameters``. ``torch_dtype`` (4.5x's name for ``dtype``) is
+    left out: 5.x would build the sub-models in that dtype whatever the caller asks for, and
+    4.5x's ``torch_dtype="auto"`` falls back to the weights' dtype without it."""
+    config.save_pretrained(str(folder))
+    path = folder / "config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    text = data.get("text_config")
+    if isinstance(text, dict):
+        rope = text.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope:
+            text.setdefault("rope_theta", rope["rope_theta"])
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def preprocessor_config(config: PaliGemmaConfig) -> dict[str, Any]:
+    """The stock PaliGemma-2 ``SiglipImageProcessor`` settings for this model's input size:
+    resize (bicubic), /255, then (x - 0.5) / 0.5, i.e. RGB into [-1, 1] (what
+    ``PaliGemmaProcessor`` feeds the model; RadGrounder's own pipeline normalises scans itself,
+    spec §4)."""
+    vision = config.vision_config
+    side = int(vision.image_size)
+    return {
+        "do_convert_rgb": None,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_processor_type": "SiglipImageProcessor",
+        "image_seq_length": (side // int(vision.patch_size)) ** 2,
+        "image_std": [0.5, 0.5, 0.5],
+        "processor_class": "PaliGemmaProcessor",
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"height": side, "width": side},
+    }
+
+
 def save_model(
     model: Any,
     tokenizer: Any,
@@ -331,8 +392,17 @@ def save_model(
     overwrite: bool = True,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
-    """Write ``config.json`` (architectures + the ``radgrounder`` block), safetensors weights in
-    the current key layout, ``generation_config.json`` and the tokenizer.
+    """Write a checkpoint folder that stock transformers 4.5x and 5.x load strictly.
+
+    - ``model.safetensors`` (sharded with an index above ``max_shard_bytes``) in the legacy
+      key layout of the released checkpoints (``language_model.model.*``,
+      ``vision_tower.vision_model.*``, ``multi_modal_projector.*``, ``segmentation_head.*``;
+      the tied LM head is left out, as ``save_pretrained`` does);
+    - ``config.json`` (architectures + the ``radgrounder`` block, fields in both versions'
+      spellings) and ``generation_config.json``;
+    - the tokenizer (``tokenizer.json``, ``tokenizer_config.json`` as ``GemmaTokenizerFast``,
+      ``special_tokens_map.json``) and ``preprocessor_config.json``, so
+      ``PaliGemmaProcessor.from_pretrained`` works on the folder.
 
     Everything goes to a sibling temp folder that is renamed into place at the end, so a
     crash never leaves a half-written model at ``out_dir``. An earlier checkpoint there (a
@@ -372,7 +442,7 @@ def save_model(
     tmp.mkdir()
     try:
         _write_weights(model, tmp, max_shard_bytes)
-        config.save_pretrained(str(tmp))
+        _write_config(config, tmp)
         GenerationConfig(
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -381,7 +451,10 @@ def save_model(
             num_beams=1,
             max_new_tokens=200,
         ).save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(tokenizer, tmp)
+        (tmp / PREPROCESSOR_CONFIG).write_text(
+            json.dumps(preprocessor_config(config), indent=2) + "\n", encoding="utf-8"
+        )
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)

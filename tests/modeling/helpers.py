@@ -1,4 +1,4 @@
-"""Batches and a scripted LM head for the modeling tests."""
+"""Batches, a scripted LM head and the released key layout for the modeling tests."""
 
 from __future__ import annotations
 
@@ -40,3 +40,48 @@ class ScriptedHead(nn.Module):
             logits[row, :, token] = 10.0
         self.calls += 1
         return logits
+
+
+def reference_keys(config, variant: str) -> set[str]:
+    """The state-dict keys of a released checkpoint as transformers 4.54's ``save_pretrained``
+    writes them (spec §3.2, §3.6), spelled out rather than derived from a model."""
+    text, vision = config.text_config, config.vision_config
+    keys = {
+        "language_model.model.embed_tokens.weight",
+        "language_model.model.norm.weight",
+        "multi_modal_projector.linear.weight",
+        "multi_modal_projector.linear.bias",
+        "vision_tower.vision_model.embeddings.patch_embedding.weight",
+        "vision_tower.vision_model.embeddings.patch_embedding.bias",
+        "vision_tower.vision_model.embeddings.position_embedding.weight",
+        "vision_tower.vision_model.post_layernorm.weight",
+        "vision_tower.vision_model.post_layernorm.bias",
+    }
+    for i in range(text.num_hidden_layers):
+        layer = f"language_model.model.layers.{i}."
+        for norm in ("input", "post_attention", "pre_feedforward", "post_feedforward"):
+            keys.add(f"{layer}{norm}_layernorm.weight")
+        keys |= {f"{layer}self_attn.{p}_proj.weight" for p in "qkvo"}
+        keys |= {f"{layer}mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+    for i in range(vision.num_hidden_layers):
+        layer = f"vision_tower.vision_model.encoder.layers.{i}."
+        for module in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"):
+            keys |= {f"{layer}{module}.weight", f"{layer}{module}.bias"}
+        for proj in ("q", "k", "v", "out"):
+            keys |= {f"{layer}self_attn.{proj}_proj.weight", f"{layer}self_attn.{proj}_proj.bias"}
+    if variant == "segmentation":
+        keys |= _head_keys(config.radgrounder["head"]["num_layers"])
+    return keys
+
+
+def _head_keys(num_layers: int) -> set[str]:
+    head = "segmentation_head."
+    pairs = {"img_projection", "output_proj", "transformer.norm_final_attn"}
+    pairs |= {f"transformer.final_attn_token_to_image.{p}_proj" for p in ("q", "k", "v", "out")}
+    for i in range(num_layers):
+        layer = f"transformer.layers.{i}."
+        for attn in ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token"):
+            pairs |= {f"{layer}{attn}.{p}_proj" for p in ("q", "k", "v", "out")}
+        pairs |= {f"{layer}norm{n}" for n in range(1, 5)}
+        pairs |= {f"{layer}mlp.0", f"{layer}mlp.2"}
+    return {f"{head}{p}.{w}" for p in pairs for w in ("weight", "bias")}

@@ -105,13 +105,27 @@ def test_init_model_is_seeded(tmp_path):
         init_model("tiny", "detection", tmp_path / "a")
 
 
-def test_saved_files_use_the_current_layout_and_a_full_config(tiny_dirs):
+def test_saved_files_use_the_released_layout_and_a_full_config(tiny_dirs):
     folder = tiny_dirs["segmentation"]
     keys = set(read_state_dict(folder))
-    assert "lm_head.weight" not in keys  # tied to the embeddings
-    assert {k.split(".")[0] for k in keys} == {"model", "segmentation_head"}
-    assert any(k.startswith("model.vision_tower.encoder.") for k in keys)
-    assert any(k.startswith("model.language_model.layers.") for k in keys)
+    assert "language_model.lm_head.weight" not in keys  # tied to the embeddings
+    assert {k.split(".")[0] for k in keys} == {
+        "language_model",
+        "vision_tower",
+        "multi_modal_projector",
+        "segmentation_head",
+    }
+    assert any(k.startswith("vision_tower.vision_model.encoder.") for k in keys)
+    assert any(k.startswith("language_model.model.layers.") for k in keys)
+    assert {p.name for p in folder.iterdir()} == {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["GroundedGemmaForConditionalGeneration"]
     assert config["radgrounder"]["seg_token_id"] == 2178
@@ -151,7 +165,7 @@ def test_sharded_legacy_bin_with_index_loads(tiny_dirs, tmp_path):
     _same_weights(src, load_model(folder).model)
 
 
-def test_sharded_safetensors_in_the_current_layout_load(tiny_dirs, tmp_path):
+def test_sharded_safetensors_load(tiny_dirs, tmp_path):
     model, tokenizer = load_model(tiny_dirs["detection"])
     out = save_model(model, tokenizer, tmp_path / "sharded", max_shard_bytes=200_000)
     assert (out / "model.safetensors.index.json").exists()
@@ -229,14 +243,14 @@ def test_missing_and_unexpected_keys_are_listed(tiny_dirs, tmp_path):
 
 def test_wrong_shape_and_untied_head_are_errors(tiny_dirs, tmp_path):
     src = tiny_dirs["detection"]
-    key = "model.multi_modal_projector.linear.bias"
+    key = "multi_modal_projector.linear.bias"
     shaped = _broken_copy(src, tmp_path / "shape", lambda s: s.update({key: torch.zeros(3)}))
     with pytest.raises(RadGrounderError, match="has shape"):
         load_model(shaped)
 
     def untie(state):
-        state["lm_head.weight"] = torch.randn_like(
-            state["model.language_model.embed_tokens.weight"]
+        state["language_model.lm_head.weight"] = torch.randn_like(
+            state["language_model.model.embed_tokens.weight"]
         )
 
     with pytest.raises(RadGrounderError, match=r"lm_head\.weight differs"):
