@@ -56,6 +56,10 @@ class EvalOptions:
     max_new_tokens: int = 200
     mask_threshold: str | None = None
     compat: str = "none"
+    # None: the checkpoint's (training) setting; compat "reference" turns attention's off,
+    # as the reference's sdpa evaluation did (radgrounder.modeling.softcap).
+    final_logit_softcap: bool | None = None
+    attention_softcap: bool | None = None
     matcher: str = "lexical"  # exact | lexical | a local sentence-encoder folder
     embedding_model: str | None = None
     meteor: bool | None = None  # None: when WordNet data is installed
@@ -99,6 +103,8 @@ def _identity(loaded: Any, dataset: EvalDataset, opts: EvalOptions) -> dict[str,
             "preset": dataset.source.preset,
             "prefix_style": dataset.prefix_style,
             "limit": opts.limit,
+            "final_logit_softcap": bool(loaded.config.radgrounder.get("final_logit_softcap")),
+            "attention_softcap": bool(loaded.config.radgrounder.get("attention_softcap", True)),
         },
         "compat": opts.compat,
         "matcher": opts.matcher,
@@ -282,11 +288,24 @@ def evaluate(
     opts = options or EvalOptions()
     if opts.compat == "reference" and opts.mask_threshold is None:
         opts = replace(opts, mask_threshold="logit")  # the reference's evaluation threshold
+    if opts.compat == "reference" and opts.attention_softcap is None:
+        opts = replace(opts, attention_softcap=False)  # the reference evaluated with sdpa
     if opts.batch_size < 1 or opts.max_new_tokens < 1:
         raise RadGrounderError("batch_size and max_new_tokens must be at least 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = model if hasattr(model, "tokenizer") else load_model(model)
+    softcaps = {
+        "final_logit_softcap": opts.final_logit_softcap,
+        "attention_softcap": opts.attention_softcap,
+    }
+    if hasattr(model, "tokenizer"):
+        loaded = model
+        if any(v is not None for v in softcaps.values()):
+            from radgrounder.modeling.softcap import set_softcaps
+
+            set_softcaps(loaded.model, **softcaps)
+    else:
+        loaded = load_model(model, **softcaps)
     if dataset.name in ("built", "refrad2d") and dataset.source.variant != loaded.variant:
         raise RadGrounderError(
             f"the dataset was opened for the {dataset.source.variant} model, "

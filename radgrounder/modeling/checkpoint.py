@@ -39,6 +39,7 @@ from radgrounder.modeling.configs import (
 )
 from radgrounder.modeling.grounded_gemma import GroundedGemmaForConditionalGeneration
 from radgrounder.modeling.keys import legacy_state_dict
+from radgrounder.modeling.softcap import apply_softcaps
 from radgrounder.modeling.tokenizer import (
     GROUNDING_TOKENS,
     MASK_TOKEN,
@@ -269,12 +270,17 @@ def load_model(
     device: str | torch.device | None = None,
     mask_threshold: str | None = None,
     attn: str = "sdpa",
+    final_logit_softcap: bool | None = None,
+    attention_softcap: bool | None = None,
 ) -> LoadedModel:
     """Load a RadGrounder checkpoint folder (or hub id) with its tokenizer, in eval mode.
 
     The variant is read from ``architectures`` or the presence of ``segmentation_head.*``
     weights. ``dtype`` defaults to the stored precision. ``mask_threshold``
     (``probability``/``logit``) overrides the checkpoint's default for :func:`generate`.
+    ``final_logit_softcap`` / ``attention_softcap`` switch Gemma-2's soft-caps (default:
+    what the checkpoint records, else how the released checkpoints were trained: no final
+    cap, attention cap on; see :mod:`radgrounder.modeling.softcap`).
     """
     from transformers import GenerationConfig
 
@@ -301,6 +307,9 @@ def load_model(
     config.radgrounder = {**stored, **settings}
     config.architectures = [SEGMENTATION_ARCH if variant == "segmentation" else DETECTION_ARCH]
     config._attn_implementation = attn_implementation(attn)
+    apply_softcaps(
+        config, final_logit_softcap=final_logit_softcap, attention_softcap=attention_softcap
+    )
 
     target = _parse_dtype(dtype, state)
     model = build_empty(config, variant, target)

@@ -168,7 +168,9 @@ def model_config(
         "rms_norm_eps": 1e-6,
         "sliding_window": 4096,
         "attn_logit_softcapping": 50.0,
-        "final_logit_softcapping": 30.0,
+        # transformers 4.54's PaliGemma never applied Gemma-2's final-logit cap; the released
+        # checkpoints were trained without it (radgrounder.modeling.softcap).
+        "final_logit_softcapping": None,
         "max_position_embeddings": 8192,
         "pad_token_id": 0,
         "eos_token_id": 1,

@@ -67,8 +67,20 @@ def test_slake_english_test_split_and_reference_compat(tiny_models, slake_root, 
     assert run.n == 4 and not run.failures
     assert run.summary["metrics"]["open"]["f1"]["n"] == 2
     assert run.summary["metrics"]["closed"]["f1"]["n"] == 2
+    # The training-time soft-caps by default; the reference's sdpa evaluation under compat.
+    gen = run.summary["generation"]
+    assert (gen["final_logit_softcap"], gen["attention_softcap"]) == (False, True)
     compat = open_dataset("slake", slake_root, split="test", compat="reference")
     assert compat.file_split == "validate" and len(compat) == 2
+    ref = evaluate(
+        tiny_models["detection"],
+        compat,
+        tmp_path / "r",
+        EvalOptions(max_new_tokens=3, progress=False, compat="reference"),
+    )
+    gen = ref.summary["generation"]
+    assert (gen["final_logit_softcap"], gen["attention_softcap"]) == (False, False)
+    assert gen["mask_threshold"] == "logit"
 
 
 def test_official_vqa_rad_split_and_failures_keep_going(
