@@ -20,6 +20,7 @@ from radgrounder.imaging.volume import (
     Volume,
     axcodes,
     canonical_modality,
+    check_finite,
     check_nonempty,
     check_voxels,
     reason,
@@ -147,8 +148,18 @@ def decode(ds: Dataset, path: Path) -> np.ndarray:
         return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
     out = raw.astype(np.float32)
     for i, (slope, inter) in enumerate(_frame_rescale(ds, n_frames)):
+        if not (np.isfinite(slope) and np.isfinite(inter)):
+            raise RadGrounderError(
+                f"RescaleSlope/RescaleIntercept are not finite numbers ({slope}, {inter})",
+                path=path,
+            )
+        if slope == 0:
+            raise RadGrounderError(
+                "RescaleSlope is 0: every pixel would get the same value", path=path
+            )
         if (slope, inter) != (1.0, 0.0):
             out[i] = (raw[i].astype(np.float64) * slope + inter).astype(np.float32)
+    check_finite(out, path)
     return out
 
 
@@ -172,13 +183,15 @@ def resolve_modality(ds_modalities: set[str], argument: str | None, path: Path) 
     return tag.strip().upper(), "tag"
 
 
-def floats(value: Any, n: int, name: str, path: Path) -> np.ndarray:
+def floats(value: Any, n: int, name: str, path: Path, *, positive: bool = False) -> np.ndarray:
     try:
         arr = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise RadGrounderError(f"{name} is missing or malformed: {value!r}", path=path) from exc
     if arr.shape != (n,) or not np.isfinite(arr).all():
         raise RadGrounderError(f"{name} must have {n} finite numbers, got {value!r}", path=path)
+    if positive and not (arr > 0).all():
+        raise RadGrounderError(f"{name} must be positive, got {arr.tolist()}", path=path)
     return arr
 
 
@@ -243,7 +256,9 @@ def _read_dicom(path: Path, modality: str | None, max_voxels: int | None = None)
     iop_v = _lookup(ds, "ImageOrientationPatient", "PlaneOrientationSequence")
     ipp_v = _lookup(ds, "ImagePositionPatient", "PlanePositionSequence")
     ps_v = _lookup(ds, "PixelSpacing", "PixelMeasuresSequence")
-    pixel_spacing = floats(ps_v, 2, "PixelSpacing", path) if ps_v is not None else np.ones(2)
+    pixel_spacing = (
+        floats(ps_v, 2, "PixelSpacing", path, positive=True) if ps_v is not None else np.ones(2)
+    )
     thickness = _lookup(ds, "SpacingBetweenSlices", "PixelMeasuresSequence") or _lookup(
         ds, "SliceThickness", "PixelMeasuresSequence"
     )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 
 from radgrounder.errors import RadGrounderError
@@ -35,22 +38,52 @@ from radgrounder.imaging.volume import (
 )
 
 
+def _files(folder: Path) -> list[Path]:
+    """Every file under ``folder``, nested exports (PATIENT/STUDY/SERIES, DICOMDIR trees)
+    included, in a stable order; links to folders are not followed."""
+    out = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        out += [Path(root) / n for n in sorted(names)]
+    return out
+
+
+def _relative(p: Path, folder: Path) -> str:
+    return str(p.relative_to(folder)) if p.is_relative_to(folder) else p.name
+
+
+def _headerless_dicom(p: Path) -> Dataset | None:
+    """A DICOM image stored without the 128-byte preamble and ``DICM`` (common in old
+    exports): read by force, kept if it carries image pixel attributes."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom guessing at a file that is no DICOM
+            ds = pydicom.dcmread(p, force=True, defer_size=4096)
+    except Exception:
+        return None
+    needed = ("SOPInstanceUID", "Rows", "Columns", "ImagePositionPatient")
+    return ds if all(k in ds for k in needed) and has_pixels(ds) else None
+
+
 def _scan_folder(folder: Path) -> tuple[dict[str, list[tuple[Path, Dataset]]], list[str]]:
-    """Image datasets grouped by SeriesInstanceUID, plus the names of skipped files."""
+    """Image datasets grouped by SeriesInstanceUID, plus the (relative) names of skipped
+    files, for ``folder`` and every folder below it."""
     groups: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
     skipped: list[str] = []
-    for p in sorted(folder.iterdir()):
-        if not p.is_file():
-            continue
+    for p in _files(folder):
         if not has_dicm_prefix(p):
-            skipped.append(p.name)
+            ds = _headerless_dicom(p)
+            if ds is None:
+                skipped.append(_relative(p, folder))
+            else:
+                groups[str(ds.get("SeriesInstanceUID", "") or "")].append((p, ds))
             continue
         # Defer the pixel bytes: only the chosen series is decoded later.
         ds, truncated = dcmread(p, defer_size=4096)
         if not has_pixels(ds):
             sop = sop_class(ds)
             if str(sop) == DICOMDIR_SOP_CLASS or "Image Storage" not in sop.name:
-                skipped.append(p.name)  # DICOMDIR, SR, presentation states, ...
+                skipped.append(_relative(p, folder))  # DICOMDIR, SR, presentation states
                 continue
             require_pixels(ds, p, truncated)
         groups[str(ds.get("SeriesInstanceUID", "") or "")].append((p, ds))
@@ -79,10 +112,40 @@ def _member_position(
     if size != shape:
         msg = f"rows x cols {size} differ from {first_path.name}'s {shape}"
         raise RadGrounderError(msg, path=p)
-    if not np.allclose(floats(ds.get("PixelSpacing"), 2, "PixelSpacing", p), ps, rtol=1e-4):
+    if not np.allclose(
+        floats(ds.get("PixelSpacing"), 2, "PixelSpacing", p, positive=True), ps, rtol=1e-4
+    ):
         raise RadGrounderError(f"PixelSpacing differs from {first_path.name}'s", path=p)
     ipp = floats(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient", p)
     return float(ipp @ normal_of(iop, p))
+
+
+def list_series(folder: PathType) -> list[dict[str, object]]:
+    """The DICOM image series under ``folder`` (nested exports included), in the order their
+    first files appear: ``series_uid``, ``n_files``, ``modality``, ``description``,
+    ``series_number``, ``rows``/``columns``, ``folders`` (relative) and ``n_skipped_files``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RadGrounderError("DICOM folder not found", path=folder)
+    with malformed_tags(folder):
+        groups, skipped = _scan_folder(folder)
+    out: list[dict[str, object]] = []
+    for uid, files in groups.items():
+        first = files[0][1]
+        out.append(
+            {
+                "series_uid": uid or None,
+                "n_files": len(files),
+                "modality": str(first.get("Modality", "") or "") or None,
+                "description": str(first.get("SeriesDescription", "") or "") or None,
+                "series_number": _float_or_none(first.get("SeriesNumber")),
+                "rows": int(first.get("Rows", 0) or 0),
+                "columns": int(first.get("Columns", 0) or 0),
+                "folders": sorted({_relative(p.parent, folder) for p, _ in files}),
+                "n_skipped_files": len(skipped),
+            }
+        )
+    return out
 
 
 def read_dicom_series(
@@ -129,7 +192,7 @@ def _read_series(
     )
 
     iop = floats(first.get("ImageOrientationPatient"), 6, "ImageOrientationPatient", first_path)
-    ps = floats(first.get("PixelSpacing"), 2, "PixelSpacing", first_path)
+    ps = floats(first.get("PixelSpacing"), 2, "PixelSpacing", first_path, positive=True)
     shape = (int(first.get("Rows", 0) or 0), int(first.get("Columns", 0) or 0))
     samples = int(first.get("SamplesPerPixel", 1) or 1)
     check_voxels((len(files), *shape, samples), max_voxels, folder)
@@ -153,16 +216,18 @@ def _read_series(
         )
     if len(files) > 1:
         dz = float(np.median(diffs))
+        _check_regular(diffs, dz, files, folder)
     else:
         thick = first.get("SpacingBetweenSlices") or first.get("SliceThickness")
         dz = float(thick) if thick else 1.0
+    slice_vec, tilt = _slice_step(files, normal, dz, folder)
 
     data = np.empty((len(files), *shape), dtype=np.float32)
     for i, (p, ds) in enumerate(files):
         with malformed_tags(p):
             data[i] = decode(ds, p)[0]
     origin = floats(files[0][1].ImagePositionPatient, 3, "ImagePositionPatient", files[0][0])
-    affine = geometry_affine(origin, iop, ps, normal * dz)
+    affine = geometry_affine(origin, iop, ps, slice_vec)
     source_orientation = axcodes(affine[:, [2, 1, 0, 3]])
     data, affine = to_canonical(data, affine, folder)
 
@@ -177,7 +242,9 @@ def _read_series(
         skipped_files=skipped,
         n_series_in_folder=len(groups),
         slice_positions=positions.tolist(),
-        irregular_spacing=bool(len(diffs) and np.ptp(diffs) > 0.01 * dz + 1e-3),
+        irregular_spacing=False,  # irregular series are refused (_check_regular)
+        gantry_tilt_deg=round(tilt, 3),
+        gantry_detector_tilt_tag=_float_or_none(first.get("GantryDetectorTilt")),
     )
     return Volume(
         data=data,
@@ -190,6 +257,75 @@ def _read_series(
         source_orientation=source_orientation,
         metadata=meta,
     )
+
+
+def _tolerance(dz: float) -> float:
+    return 0.01 * abs(dz) + 1e-3
+
+
+def _check_regular(
+    diffs: np.ndarray, dz: float, files: list[tuple[Path, Dataset]], folder: Path
+) -> None:
+    """Refuse a series whose slices are not evenly spaced (a missing file, a gap between two
+    acquisitions): one affine cannot place them, and resampling would invent slices."""
+    off = np.abs(diffs - dz)
+    if not off.size or float(off.max()) <= _tolerance(dz):
+        return
+    i = int(np.argmax(off))
+    missing = diffs[i] / dz - 1
+    hint = (
+        f"about {round(missing)} slice(s) missing there"
+        if missing > 0.5
+        else "slices closer than the rest"
+    )
+    raise RadGrounderError(
+        f"irregular slice spacing: {_relative(files[i][0], folder)} -> "
+        f"{_relative(files[i + 1][0], folder)} are {diffs[i]:.3f} mm apart, the series' "
+        f"spacing is {dz:.3f} mm ({hint}); {int(np.sum(off > _tolerance(dz)))} irregular "
+        "step(s) in all. radgrounder reads evenly spaced series only: export the complete "
+        "series, or split it into its regular parts",
+        path=folder,
+    )
+
+
+def _slice_step(
+    files: list[tuple[Path, Dataset]], normal: np.ndarray, dz: float, folder: Path
+) -> tuple[np.ndarray, float]:
+    """The vector (LPS mm) from one slice origin to the next, and the gantry tilt in degrees.
+
+    Without tilt the step is ``normal * dz``. A gantry-tilted CT moves each slice origin
+    along the table, not along the slice normal: the step then has an in-plane part, and the
+    affine's slice axis is that step (a sheared affine, so every voxel sits where its
+    ImagePositionPatient says, with no resampling)."""
+    if len(files) < 2:
+        return normal * dz, 0.0
+    ipp = np.array(
+        [floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", p) for p, ds in files]
+    )
+    steps = np.diff(ipp, axis=0)
+    step = (ipp[-1] - ipp[0]) / (len(files) - 1)
+    worst = int(np.argmax(np.linalg.norm(steps - step, axis=1)))
+    if float(np.linalg.norm(steps[worst] - step)) > _tolerance(dz):
+        a, b = _relative(files[worst][0], folder), _relative(files[worst + 1][0], folder)
+        raise RadGrounderError(
+            f"slice origins do not advance in a straight line: {a} -> {b} steps "
+            f"{np.round(steps[worst], 3).tolist()} mm, the series' mean step is "
+            f"{np.round(step, 3).tolist()} mm",
+            path=folder,
+        )
+    along = float(step @ normal)
+    cos = abs(along) / max(float(np.linalg.norm(step)), 1e-12)
+    tilt = float(np.degrees(np.arccos(min(1.0, cos))))
+    if float(np.linalg.norm(step - along * normal)) <= _tolerance(dz):
+        return normal * dz, 0.0
+    return step, tilt
+
+
+def _float_or_none(value: object) -> float | None:
+    try:
+        return None if value in (None, "") else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
 
 
 def _describe(groups: dict[str, list[tuple[Path, Dataset]]]) -> str:

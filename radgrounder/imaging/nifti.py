@@ -89,6 +89,13 @@ def _spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
 
 def _voxels(img: nib.Nifti1Image, path: Path, *, labels: bool) -> np.ndarray:
     shape = _spatial_shape(tuple(int(s) for s in img.shape), path)
+    stored = np.dtype(img.get_data_dtype())
+    if np.issubdtype(stored, np.complexfloating) or stored.fields is not None:
+        raise RadGrounderError(
+            f"voxels are stored as {stored} (complex or RGB): radgrounder reads real-valued "
+            "CT/MR intensities; save the magnitude image",
+            path=path,
+        )
     try:
         # Label maps keep their stored integers; images go through scl_slope/scl_inter.
         data = np.asanyarray(img.dataobj) if labels else img.get_fdata(dtype=np.float32)

@@ -87,6 +87,12 @@ def read_image(
             im.load()
             check_nonempty((im.height, im.width), path)
             mode, n_frames = im.mode, int(getattr(im, "n_frames", 1))
+            if n_frames > 1:
+                raise RadGrounderError(
+                    f"the image has {n_frames} pages/frames; radgrounder reads one picture per "
+                    "file (convert a stack to NIfTI or DICOM, or save each page as its own file)",
+                    path=path,
+                )
             if mode in _GRAY_MODES:
                 pixels = np.asarray(im).astype(np.float32)
             else:
