@@ -199,9 +199,11 @@ def _read_series(series_dir: str | Path, volume: Volume) -> _Series:
         raise RadGrounderError("DICOM series folder not found", path=folder)
     if volume.data.ndim != 3:
         raise RadGrounderError(f"expected a 3D volume, got shape {volume.shape}", path=folder)
+    from radgrounder.imaging.dicom_series import _files
+
     groups: dict[str, list[Dataset]] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and has_dicm_prefix(p):
+    for p in _files(folder):  # nested exports too, as the series reader
+        if has_dicm_prefix(p):
             ds, _ = dcmread(p, defer_size=4096)
             if "PixelData" in ds:
                 groups.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), []).append(ds)
@@ -238,9 +240,13 @@ def _match_geometry(datasets: list[Dataset], volume: Volume, folder: Path) -> _S
         dz = float(np.median(np.diff(positions)))
     else:
         dz = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+    from radgrounder.imaging.dicom_series import _slice_step
+
     origin = floats(datasets[0].ImagePositionPatient, 3, "ImagePositionPatient", folder)
     src_shape = (len(datasets), int(first.Rows), int(first.Columns))
-    t = np.linalg.inv(volume.affine) @ geometry_affine(origin, iop, ps, normal * dz)
+    # The reader's slice step: normal * dz, or the sheared step of a gantry-tilted series.
+    step, _ = _slice_step([(Path(str(ds.filename)), ds) for ds in datasets], normal, dz, folder)
+    t = np.linalg.inv(volume.affine) @ geometry_affine(origin, iop, ps, step)
     rot = np.rint(t[:3, :3])
     perm = tuple(int(i) for i in np.argmax(np.abs(rot), axis=0))
     ok = np.allclose(t[:3, :3], rot, atol=1e-3) and sorted(perm) == [0, 1, 2]

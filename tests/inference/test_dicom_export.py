@@ -258,3 +258,36 @@ def test_blank_uids_are_derived_consistently(volume, masks, tmp_path):
         seg.FrameOfReferenceUID
         == pydicom.dcmread(next(SERIES.iterdir()), stop_before_pixels=True).FrameOfReferenceUID
     )
+
+
+def test_seg_of_a_gantry_tilted_series_references_each_slice(masks, tmp_path):
+    """The sheared affine of a tilted CT maps back onto the source frames exactly."""
+    import math
+
+    from tests.imaging.test_archive_series import derive
+
+    z0: list[float] = []
+
+    def tilted(k: int, ds: pydicom.Dataset) -> pydicom.Dataset:
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        z0.append(z) if not z0 else None
+        ds.ImagePositionPatient = [x, y + (z - z0[0]) * math.tan(math.radians(12)), z]
+        return ds
+
+    folder = derive(tmp_path / "tilted", tilted)
+    vol = read_dicom_series(folder)
+    assert vol.metadata["gantry_tilt_deg"] == pytest.approx(12, abs=0.01)
+    out = export_dicom_seg(folder, vol, [Segment3D("liver", masks["liver"], class_id=5)],
+                           tmp_path / "seg.dcm")  # fmt: skip
+    seg = hd.seg.segread(out)
+    sources = source_images(folder)
+    uids = sorted(
+        i.ReferencedSOPInstanceUID
+        for s in seg.ReferencedSeriesSequence
+        for i in s.ReferencedInstanceSequence
+    )
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])
+    back = np.zeros(vol.shape, dtype=bool)
+    for uid, frame in zip(uids, pixels[..., 0], strict=True):
+        frame_to_canonical(sources[uid], frame.astype(bool), back, vol)
+    np.testing.assert_array_equal(back, masks["liver"])
