@@ -86,17 +86,22 @@ _DICOM_EXTRA = (
     "n_frames",
     "geometry",
     "irregular_spacing",
+    "gantry_tilt_deg",
+    "skipped_files",
 )
 
 
-def inspect_scan(path: PathType, *, modality: str | None = None) -> ScanInfo:
-    """Load ``path`` with :func:`load_scan` and summarise it."""
+def inspect_scan(
+    path: PathType, *, modality: str | None = None, series_uid: str | None = None
+) -> ScanInfo:
+    """Load ``path`` with :func:`load_scan` (``series_uid`` picks one series of a folder)
+    and summarise it."""
     label_names = nifti_label_names(path) if is_nifti_path(Path(path)) else None
     # A label map read as an image would get an invented modality.
     vol = (
         read_label_map(path, modality=modality)
         if label_names is not None
-        else load_scan(path, modality=modality)
+        else load_scan(path, modality=modality, series_uid=series_uid)
     )
     meta = vol.metadata
     extra: dict[str, Any] = {}
