@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from radgrounder.fileio import atomic_write_json, sha256_tree
 from radgrounder.imaging.nifti import is_nifti_path
 from radgrounder.labels.dataset import SPLITS
 from radgrounder.labels.keywords import extract_keywords, sentence_items
+from radgrounder.labels.names import is_utf8, printable
 from radgrounder.labels.regions import SLICE_AXES
 from radgrounder.labels.reports import Report, read_reports
 from radgrounder.labels.scanjob import ScanJob, ScanResult, build_scan
@@ -76,19 +78,53 @@ def _scan_id(path: Path) -> str:
     return name
 
 
-def discover_scans(scans_dir: Path) -> dict[str, Path]:
-    """``<scan_id>.nii[.gz]`` files and ``<scan_id>/`` DICOM folders directly in ``scans_dir``."""
+def _non_utf8_member(path: Path) -> Path | None:
+    """The first file or folder under the folder ``path`` whose name is not valid UTF-8."""
+    if not path.is_dir():
+        return None
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in sorted(dirnames + filenames):
+            if not is_utf8(name):
+                return Path(dirpath) / name
+    return None
+
+
+def discover_scans(scans_dir: Path, problems: dict[str, str] | None = None) -> dict[str, Path]:
+    """``<scan_id>.nii[.gz]`` files and ``<scan_id>/`` DICOM folders directly in ``scans_dir``.
+
+    A scan that cannot be built under its name (two inputs share an id, or the name is not
+    valid UTF-8) raises; with ``problems`` it is left out and its reason stored there
+    (keyed by the printable id), so one bad name does not stop a batch.
+    """
     if not scans_dir.is_dir():
         raise RadGrounderError("scan folder not found", path=scans_dir)
     found: dict[str, Path] = {}
+    bad: dict[str, str] = {}
     for p in sorted(scans_dir.iterdir()):
         if p.name.startswith("."):
             continue
         if p.is_dir() or is_nifti_path(p):
             sid = _scan_id(p)
-            if sid in found:
-                raise RadGrounderError(f"two scans share the id {sid!r}", path=p)
-            found[sid] = p
+            if not is_utf8(sid):
+                bad[printable(sid)] = str(
+                    RadGrounderError(
+                        "the file name is not valid UTF-8; rename it", path=printable(str(p))
+                    )
+                )
+            elif sid in found or sid in bad:
+                bad[sid] = str(
+                    RadGrounderError(
+                        f"two scans share the id {sid!r} ({found.pop(sid, scans_dir / sid).name}"
+                        f" and {p.name}); rename one",
+                        path=scans_dir,
+                    )
+                )
+            else:
+                found[sid] = p
+    if bad and problems is None:
+        raise RadGrounderError(next(iter(bad.values())))
+    if problems is not None:
+        problems.update(bad)
     return found
 
 
@@ -167,8 +203,8 @@ def build_dataset(
     if not labels_dir.is_dir():
         raise RadGrounderError("label folder not found", path=labels_dir)
     report_list = list(reports) if not isinstance(reports, str | Path) else read_reports(reports)
-    scans = discover_scans(scans_dir)
     failed: dict[str, str] = {}
+    scans = discover_scans(scans_dir, failed)
     labels: dict[str, Path] = {}
     for sid in scans:
         cands = [labels_dir / f"{sid}.nii.gz", labels_dir / f"{sid}.nii"]
@@ -203,6 +239,22 @@ def build_dataset(
     config = opts.fingerprint_config()
     jobs = []
     for sid in usable:
+        member = _non_utf8_member(scans[sid])
+        if member is not None:
+            failed[sid] = str(
+                RadGrounderError(
+                    "a file name in the series is not valid UTF-8; rename it",
+                    path=printable(str(member)),
+                )
+            )
+            continue
+        try:
+            fp_inputs = (sha256_tree(scans[sid]), sha256_tree(labels[sid]))
+        except Exception as exc:  # an unreadable file: this scan fails alone
+            failed[sid] = printable(
+                str(RadGrounderError(f"cannot read ({type(exc).__name__}: {exc})", path=scans[sid]))
+            )
+            continue
         reps = {
             lang: {
                 "clinical_info": rep.clinical_info,
@@ -212,8 +264,7 @@ def build_dataset(
             for lang, rep in by_scan.get(sid, {}).items()
         }
         fp = _fingerprint(
-            sha256_tree(scans[sid]),
-            sha256_tree(labels[sid]),
+            *fp_inputs,
             splits[sid],
             config,
             {
@@ -252,7 +303,7 @@ def build_dataset(
                 (skipped if res.skipped else done).append(res.scan_id)
                 per_scan[res.scan_id] = res.counts
             else:
-                failed[res.scan_id] = res.error or "unknown error"
+                failed[res.scan_id] = printable(res.error or "unknown error")
             bar.advance(task)
 
         _run_jobs(jobs, opts, on_done)

@@ -37,6 +37,7 @@ from radgrounder.fileio import atomic_write_json
 from radgrounder.imaging.dicom import dcmread, has_dicm_prefix, resolve_modality
 from radgrounder.imaging.nifti import is_nifti_path, read_nifti, sidecar_modality
 from radgrounder.imaging.volume import PathType, reason
+from radgrounder.labels.names import is_utf8, printable
 
 TASK_BY_MODALITY = {"CT": "total", "MR": "total_mr"}
 REPORT_NAME = "segment_report.json"
@@ -393,6 +394,13 @@ def run_segmentation(
     done: list[str] = []
     jobs: list[_Job] = []
     for scan in scans:
+        if not is_utf8(scan.rel):
+            key = printable(scan.rel)
+            error = RadGrounderError(
+                "the file name is not valid UTF-8; rename it", path=printable(str(scan.path))
+            )
+            failed[key], where[key] = str(error), scan.path
+            continue
         if rel_count[scan.rel] > 1:
             # Two inputs (a/ct.nii and a/ct.nii.gz, or a/ct/ and a/ct.nii.gz) share one output.
             # Keyed by the input path, the one name that stays unique.
@@ -419,7 +427,7 @@ def run_segmentation(
             if error is None:
                 done.append(job.scan.rel)
             else:
-                failed[job.scan.rel] = error
+                failed[job.scan.rel] = printable(error)
                 n_failed += 1
             bar.update(
                 bar_id, advance=1, description=f"segmenting: {len(done)} done, {n_failed} failed"
@@ -428,8 +436,8 @@ def run_segmentation(
     report_path = output_dir / REPORT_NAME
     outcome = {"done": done, "skipped": skipped, "failed": failed}
     report = {
-        "input_dir": str(input_dir),
-        "output_dir": str(output_dir),
+        "input_dir": printable(str(input_dir)),
+        "output_dir": printable(str(output_dir)),
         "task": task or "auto (CT: total, MR: total_mr)",
         "fast": fast,
         "device": device,
@@ -440,7 +448,7 @@ def run_segmentation(
         "done": sorted(done),
         "skipped": skipped,
         "failed": [
-            {"scan": rel, "path": str(where[rel]), "error": err}
+            {"scan": rel, "path": printable(str(where[rel])), "error": err}
             for rel, err in sorted(failed.items())
         ],
     }
