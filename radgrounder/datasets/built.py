@@ -3,21 +3,59 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from radgrounder.datasets.example import TASK_PROMPT, Example, resize_mask
 from radgrounder.errors import RadGrounderError
 from radgrounder.imaging import preprocess_slice
-from radgrounder.labels.dataset import GroundedDataset, decode_image, decode_labels
+from radgrounder.labels.dataset import SPLITS, GroundedDataset, decode_image, decode_labels
 from radgrounder.labels.regions import group_mask
 from radgrounder.prompts import build_prompt
 
 if TYPE_CHECKING:
     from radgrounder.training.config import SourceConfig
+
+
+def open_built(path: str | Path) -> GroundedDataset:
+    """A built dataset folder, with a broken ``manifest.json`` reported by name."""
+    try:
+        return GroundedDataset(Path(path))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise RadGrounderError(
+            f"not valid JSON ({exc})", path=Path(path) / "manifest.json"
+        ) from None
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of one Parquet shard; a file that is not readable Parquet is named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise RadGrounderError(f"not a readable Parquet file ({exc})", path=path) from None
+
+
+def sample_rows(ds: GroundedDataset, split: str) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """``(shard, row)`` for every sample row of ``split`` (what ``ds.samples(split)`` reads)."""
+    if split not in SPLITS:
+        raise RadGrounderError(f"split: unknown value {split!r} (expected {', '.join(SPLITS)})")
+    for f in sorted((ds.root / "samples" / split).glob("*.parquet")):
+        for row in read_rows(f):
+            yield f, row
+
+
+def _column(row: dict[str, Any], name: str, shard: Path) -> Any:
+    try:
+        return row[name]
+    except KeyError:
+        raise RadGrounderError(f"no column {name!r} in the samples table", path=shard) from None
 
 
 class BuiltSource:
@@ -28,7 +66,7 @@ class BuiltSource:
     ) -> None:
         self.name = cfg.name or f"built:{Path(cfg.path).name}"
         self.variant, self.preset, self.size, self.augment = variant, preset, size, augment
-        ds = GroundedDataset(Path(cfg.path))
+        ds = open_built(cfg.path)
         self.root = ds.root
         wanted = set(cfg.tasks)
         unknown = wanted - {"grounded-report", "report", "vqa", "grounded-vqa"}
@@ -37,11 +75,11 @@ class BuiltSource:
         # A plain report is the grounded report's text without markup.
         base = {"report": "grounded-report"}
         rows = []
-        for row in ds.samples(cfg.split):
-            if row["language"] not in cfg.languages:
+        for shard, row in sample_rows(ds, cfg.split):
+            if _column(row, "language", shard) not in cfg.languages:
                 continue
             for task in wanted:
-                if base.get(task, task) == row["task"]:
+                if base.get(task, task) == _column(row, "task", shard):
                     rows.append((task, row))
         if not rows:
             raise RadGrounderError(
@@ -56,10 +94,7 @@ class BuiltSource:
 
     @lru_cache(maxsize=64)  # noqa: B019 - one source object per run; bounded cache
     def _slice(self, split: str, scan_id: str, index: int) -> tuple[np.ndarray, np.ndarray, str]:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(self.root / "slices" / split / f"{scan_id}.parquet")
-        for row in table.to_pylist():
+        for row in read_rows(self.root / "slices" / split / f"{scan_id}.parquet"):
             if row["slice_index"] == index:
                 return decode_image(row), decode_labels(row), row["modality"]
         raise RadGrounderError(f"slice {index} of {scan_id} missing", path=self.root)

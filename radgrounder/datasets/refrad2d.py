@@ -48,10 +48,18 @@ def _choices(item: dict[str, Any]) -> list[str] | None:
     return [str(c) for c in item.get("choices") or []] or [""]
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise RadGrounderError(f"not valid JSON ({exc})", path=path) from None
+
+
 class RefRad2DSource:
     """Grounded reports (and plain reports / VQA where a slice has no keywords)."""
 
     def __init__(self, cfg: SourceConfig, variant: str, *, preset: str, size: int) -> None:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.name = cfg.name or f"refrad2d:{Path(cfg.path).name}"
@@ -60,22 +68,34 @@ class RefRad2DSource:
             raise RadGrounderError(
                 "not a RefRad2D folder (no refrad2d_reports.parquet)", path=self.root
             )
-        reports = {
-            r["rsopid"]: r
-            for r in pq.read_table(self.root / "refrad2d_reports.parquet").to_pylist()
-        }
+        table_path = self.root / "refrad2d_reports.parquet"
+        try:
+            reports = {r["rsopid"]: r for r in pq.read_table(table_path).to_pylist()}
+        except (pa.ArrowException, OSError, KeyError) as exc:
+            raise RadGrounderError(
+                f"not a readable reports table ({exc})", path=table_path
+            ) from None
         self.index: dict[str, dict[str, Any]] = {}
         for mod in ("ct", "mr"):
             f = self.root / f"rsopid_2_segment_v3_{mod}.json"
             if f.is_file():
-                self.index.update(json.loads(f.read_text(encoding="utf-8")))
+                index = _read_json(f)
+                if not isinstance(index, dict):
+                    raise RadGrounderError("expected a mapping rsopid -> entry", path=f)
+                self.index.update(index)
         self.items: list[tuple[str, str, dict[str, Any]]] = []
         for f in sorted(self.root.glob(f"filtered_*_splits/snippet2rsopids_{cfg.split}_*.json")):
-            for rsopids in json.loads(f.read_text(encoding="utf-8")).values():
-                for rsopid in rsopids:
-                    for lang in cfg.languages:
-                        if reports.get(rsopid, {}).get(_LANG[lang][0]):
-                            self.items.append((rsopid, lang, reports[rsopid]))
+            split = _read_json(f)
+            try:
+                for rsopids in split.values():
+                    for rsopid in rsopids:
+                        for lang in cfg.languages:
+                            if (reports.get(rsopid) or {}).get(_LANG[lang][0]):
+                                self.items.append((rsopid, lang, reports[rsopid]))
+            except (AttributeError, TypeError, KeyError) as exc:
+                raise RadGrounderError(
+                    f"expected a mapping snippet -> [rsopid, ...] ({exc})", path=f
+                ) from None
         if not self.items:
             raise RadGrounderError(
                 f"source {self.name}: no slices for split {cfg.split!r}", path=self.root

@@ -32,16 +32,30 @@ class SlakeSource(VQASource):
         path = root / f"{split_file}.json"
         if not path.is_file():
             raise RadGrounderError("SLAKE split file not found", path=path)
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        items = [
-            {
-                "image": r["img_name"],
-                "question": r["question"],
-                "answer": r["answer"],
-                "question_type": str(r.get("answer_type", "")).strip().lower(),
-                "qid": r.get("qid", n),
-            }
-            for n, r in enumerate(raw)
-            if r.get("q_lang", "en") == "en"
-        ]
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise RadGrounderError(f"not valid JSON ({exc})", path=path) from None
+        if not isinstance(raw, list):
+            raise RadGrounderError(
+                f"expected a list of questions, got a {type(raw).__name__}", path=path
+            )
+        items = []
+        for n, r in enumerate(raw):
+            try:
+                if r.get("q_lang", "en") != "en":
+                    continue
+                items.append(
+                    {
+                        "image": str(r["img_name"]),
+                        "question": str(r["question"]),
+                        "answer": r["answer"],
+                        "question_type": str(r.get("answer_type", "")).strip().lower(),
+                        "qid": r.get("qid", n),
+                    }
+                )
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise RadGrounderError(
+                    f"entry {n}: missing or malformed field {exc}", path=path
+                ) from None
         super().__init__(items, root / "imgs", preset=preset, size=size)

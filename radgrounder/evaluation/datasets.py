@@ -177,11 +177,10 @@ def open_dataset(
 
 
 def _built(root, split, variant, preset, size, tasks, langs):
-    from radgrounder.datasets.built import BuiltSource
-    from radgrounder.labels.dataset import GroundedDataset
+    from radgrounder.datasets.built import BuiltSource, open_built, sample_rows
 
     if tasks is None:
-        present = {row["task"] for row in GroundedDataset(root).samples(split)}
+        present = {row.get("task") for _, row in sample_rows(open_built(root), split)}
         tasks = [t for t in BUILT_TASKS if t in present] or ["grounded-report"]
     bad = set(tasks) - set(BUILT_TASKS)
     if bad:
