@@ -139,20 +139,32 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
             "optim": OptimConfig,
             "build": BuildConfig,
         }.get(key)
-        if sub is not None and isinstance(value, dict):
-            value = _from_dict(sub, value, f"{where}.{key}")
+        if sub is not None:
+            value = _from_dict(sub, {} if value is None else value, f"{where}.{key}")
         elif key in ("sources", "eval_sources"):
+            if value is None:
+                value = []
             if not isinstance(value, list):
                 raise RadGrounderError(f"{where}.{key}: expected a list of sources")
             value = [
                 _from_dict(SourceConfig, v, f"{where}.{key}[{i}]") for i, v in enumerate(value)
             ]
         elif key == "betas":
-            value = tuple(float(v) for v in value)
+            value = _betas(value, f"{where}.{key}")
         else:
             value = _coerce(value, str(fields[key].type), f"{where}.{key}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _betas(value: Any, where: str) -> tuple[float, float]:
+    try:
+        if isinstance(value, str | bytes) or len(value) != 2:
+            raise TypeError
+        b1, b2 = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise RadGrounderError(f"{where}: expected two numbers [b1, b2], got {value!r}") from None
+    return b1, b2
 
 
 def _coerce(value: Any, type_name: str, where: str) -> Any:
@@ -160,6 +172,16 @@ def _coerce(value: Any, type_name: str, where: str) -> Any:
     if value is None and "None" in type_name:
         return None
     base = type_name.split("|")[0].strip()
+    if base == "str":
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # a name such as 2024
+        if not isinstance(value, str):
+            raise RadGrounderError(f"{where}: expected text, got {value!r}")
+        return value
+    if base.startswith("list["):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise RadGrounderError(f"{where}: expected a list of names, got {value!r}")
+        return value
     try:
         if base == "float":
             return float(value)
@@ -179,20 +201,35 @@ def _coerce(value: Any, type_name: str, where: str) -> Any:
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    node = tree
+    """``tree[a][b]... = value`` for ``a.b...``; digits index lists (``data.sources.0.path``)."""
     parts = dotted.split(".")
-    for part in parts[:-1]:
-        if part.isdigit() and isinstance(node, list):
-            node = node[int(part)]
-            continue
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict | list):
-            raise RadGrounderError(f"override {dotted}: {part} is not a section")
-    last = parts[-1]
-    if isinstance(node, list) and last.isdigit():
-        node[int(last)] = value
-    else:
-        node[last] = value
+    if not all(parts):
+        raise RadGrounderError(f"override {dotted}: empty key")
+    node: Any = tree
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[:depth]) or "config"
+        if isinstance(node, list):
+            if not part.isdigit():
+                raise RadGrounderError(f"override {dotted}: {where} is a list; expected an index")
+            i = int(part)
+            if i >= len(node):
+                raise RadGrounderError(
+                    f"override {dotted}: {where} has {len(node)} entries, no index {i}"
+                )
+            if last:
+                node[i] = value
+                return
+            node = node[i]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+                return
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise RadGrounderError(f"override {dotted}: {where} is not a section")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -204,8 +241,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise RadGrounderError("training config not found", path=path)
         try:
             tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise RadGrounderError("not a YAML text file (not UTF-8)", path=path) from None
         except yaml.YAMLError as exc:
-            raise RadGrounderError(f"invalid YAML ({exc})", path=path) from exc
+            raise RadGrounderError(f"invalid YAML ({_yaml_problem(exc)})", path=path) from None
+        if not isinstance(tree, dict):
+            raise RadGrounderError(
+                f"expected a mapping of settings, got a {type(tree).__name__}", path=path
+            )
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -218,6 +261,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = _from_dict(TrainConfig, tree, "config")
     _validate(cfg)
     return cfg
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line: where and what."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -257,18 +307,81 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.data.num_workers >= 0, "data.num_workers", "0 or more"),
         (cfg.data.prefetch_factor > 0, "data.prefetch_factor", "a positive number"),
         (cfg.data.temperature > 0, "data.temperature", "positive"),
+        (cfg.eval_every > 0, "eval_every", "a positive number"),
+        (cfg.save_every > 0, "save_every", "a positive number"),
+        (cfg.log_every > 0, "log_every", "a positive number"),
+        (cfg.eval_batch_size > 0, "eval_batch_size", "a positive number"),
+        (cfg.eval_samples >= 0, "eval_samples", "0 or more"),
+        (cfg.data.image_size > 0, "data.image_size", "a positive number"),
+        (cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16"),
+        (
+            cfg.model.attn_implementation in ("sdpa", "eager"),
+            "model.attn_implementation",
+            "sdpa or eager",
+        ),
+        (0 <= cfg.optim.warmup_ratio <= 1, "optim.warmup_ratio", "a fraction from 0 to 1"),
     ]
     for ok, field_name, expected in checks:
         if not ok:
             raise RadGrounderError(f"config.{field_name}: expected {expected}")
-    for i, src in enumerate(cfg.data.sources + cfg.data.eval_sources):
-        if src.kind not in ("built", "slake", "vqa_rad", "refrad2d"):
+    _validate_names(cfg)
+    for group in ("sources", "eval_sources"):
+        for i, src in enumerate(getattr(cfg.data, group)):
+            _validate_source(src, f"config.data.{group}[{i}]")
+
+
+def _validate_names(cfg: TrainConfig) -> None:
+    from radgrounder.imaging.normalize import PRESETS
+    from radgrounder.prompts import PREFIX_STYLES
+
+    for value, where, allowed in (
+        (cfg.data.preset, "data.preset", PRESETS),
+        (cfg.data.prefix_style, "data.prefix_style", PREFIX_STYLES),
+        (cfg.data.eval_prefix_style, "data.eval_prefix_style", PREFIX_STYLES),
+    ):
+        if value not in allowed:
             raise RadGrounderError(
-                f"config.data.sources[{i}].kind: unknown {src.kind!r} "
-                "(built, slake, vqa_rad, refrad2d)"
+                f"config.{where}: unknown {value!r} (expected one of {', '.join(allowed)})"
             )
-        if src.weight <= 0:
-            raise RadGrounderError(f"config.data.sources[{i}].weight: must be positive")
+
+
+_SOURCE_SPLITS = {
+    "built": ("train", "val", "test"),
+    "slake": ("train", "val", "validate", "test"),
+    "vqa_rad": ("train", "val", "test"),
+}
+SOURCE_TASKS = ("grounded-report", "grounded-vqa", "report", "vqa")
+LANGUAGES = ("en", "de")
+
+
+def _validate_source(src: SourceConfig, where: str) -> None:
+    if src.kind not in ("built", "slake", "vqa_rad", "refrad2d"):
+        raise RadGrounderError(
+            f"{where}.kind: unknown {src.kind!r} (built, slake, vqa_rad, refrad2d)"
+        )
+    if src.weight <= 0:
+        raise RadGrounderError(f"{where}.weight: must be positive")
+    if not src.path:
+        raise RadGrounderError(f"{where}.path: the dataset folder is not set")
+    splits = _SOURCE_SPLITS.get(src.kind)
+    if splits and src.split not in splits:
+        raise RadGrounderError(
+            f"{where}.split: unknown {src.split!r} for {src.kind} (expected {', '.join(splits)})"
+        )
+    bad = [t for t in src.tasks if t not in SOURCE_TASKS]
+    if bad or not src.tasks:
+        raise RadGrounderError(
+            f"{where}.tasks: unknown {bad} (expected some of {', '.join(SOURCE_TASKS)})"
+            if bad
+            else f"{where}.tasks: empty"
+        )
+    bad = [lang for lang in src.languages if lang not in LANGUAGES]
+    if bad or not src.languages:
+        raise RadGrounderError(
+            f"{where}.languages: unknown {bad} (expected en and/or de)"
+            if bad
+            else f"{where}.languages: empty"
+        )
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
