@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from radgrounder.errors import RadGrounderError
 from radgrounder.fileio import atomic_write_json
 from radgrounder.training.checkpoints import (
     agree_on_resume_step,
@@ -38,14 +37,17 @@ from radgrounder.training.checkpoints import (
 )
 from radgrounder.training.collate import image_seq_length, make_batch
 from radgrounder.training.config import TrainConfig, config_to_dict
-from radgrounder.training.data import Mixture, make_source
+from radgrounder.training.data import Mixture
 from radgrounder.training.engine import make_accelerator, requested_engine, without_zero3_init
 from radgrounder.training.loader import make_loader, single_threaded
 from radgrounder.training.objective import IGNORE, TrainingObjective
 from radgrounder.training.setup import (
     build_model,
+    check_paths,
+    dataset_pending,
     ensure_dataset,
     make_optimizer,
+    make_sources,
     trainable_report,
 )
 
@@ -195,15 +197,27 @@ def _optimizer_steps(optimizer) -> int:
 def _train(cfg: TrainConfig, *, progress: bool) -> TrainResult:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader forks workers
     out = Path(cfg.output_dir)
+    # Bad paths and broken datasets are reported before anything is written: no lock, no
+    # dataset build, no initial checkpoint. A dataset built on first use is read after it.
+    check_paths(cfg)
+    data = None if dataset_pending(cfg) else make_sources(cfg)
     accelerator, accum, global_batch = make_accelerator(cfg)
     lock = take_run_lock(out, accelerator)
     try:
-        return _run(cfg, out, accelerator, accum, global_batch, progress)
+        return _run(cfg, out, accelerator, accum, global_batch, progress, data)
     finally:
         lock.release()
 
 
-def _run(cfg: TrainConfig, out: Path, accelerator, accum: int, global_batch: int, progress: bool):
+def _run(
+    cfg: TrainConfig,
+    out: Path,
+    accelerator,
+    accum: int,
+    global_batch: int,
+    progress: bool,
+    data: tuple[list[Any], list[Any]] | None = None,
+):
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     main, world = accelerator.is_main_process, accelerator.num_processes
@@ -213,25 +227,15 @@ def _run(cfg: TrainConfig, out: Path, accelerator, accum: int, global_batch: int
     # them on disk (a shared filesystem for several nodes).
     with accelerator.main_process_first(), without_zero3_init(accelerator):
         ensure_dataset(cfg)
+        sources, eval_sources = data if data is not None else make_sources(cfg)
         model, tokenizer = build_model(cfg, out)
     _set_seed(cfg.seed + rank)  # dropout streams differ per rank; rank 0 is the 1-process run
     segmentation = cfg.model.variant == "segmentation"
     seg_token_id = tokenizer.convert_tokens_to_ids("</seg>") if segmentation else None
     n_image_tokens = image_seq_length(model.config)
-    size, preset = cfg.data.image_size, cfg.data.preset
-    if not cfg.data.sources:
-        raise RadGrounderError("config.data.sources: no training data configured")
-    sources = [
-        make_source(s, cfg.model.variant, preset=preset, size=size, augment=cfg.data.augment)
-        for s in cfg.data.sources
-    ]
     mixture = Mixture(sources, [s.weight for s in cfg.data.sources], cfg.data.temperature, cfg.seed)
     eval_example = None
     if cfg.data.eval_sources:
-        eval_sources = [
-            make_source(s, cfg.model.variant, preset=preset, size=size)
-            for s in cfg.data.eval_sources
-        ]
         eval_mix = Mixture(
             eval_sources, [s.weight for s in cfg.data.eval_sources], 1.0, cfg.seed + 1
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,104 @@ import torch
 
 from radgrounder.errors import RadGrounderError
 from radgrounder.training.config import TrainConfig
+
+
+def _where(path: str | Path, what: str) -> str:
+    return f"{what} {path}"
+
+
+def _writable_folder(path: Path, what: str) -> None:
+    """``path`` is a writable folder or can be made one (nothing is created here)."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        for parent in Path(os.path.abspath(path)).parents:
+            if os.path.isdir(parent):
+                if not os.access(parent, os.W_OK | os.X_OK):
+                    raise RadGrounderError(
+                        f"{_where(path, what)}: cannot be created, {parent} is not writable"
+                    ) from None
+                return
+            if os.path.lexists(parent):
+                raise RadGrounderError(
+                    f"{_where(path, what)}: cannot be created, {parent} is not a folder"
+                ) from None
+        return
+    except OSError as exc:
+        raise RadGrounderError(f"{_where(path, what)}: {exc.strerror or exc}") from None
+    if not os.path.isdir(path):
+        raise RadGrounderError(f"{_where(path, what)}: exists and is not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RadGrounderError(f"{_where(path, what)}: not writable")
+
+
+def _existing(path: str | Path, what: str, *, folder: bool | None = None) -> None:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        kind = {True: "folder", False: "file", None: "file or folder"}[folder]
+        raise RadGrounderError(f"{_where(path, what)}: no such {kind}") from None
+    except OSError as exc:
+        raise RadGrounderError(f"{_where(path, what)}: {exc.strerror or exc}") from None
+    if folder is True and not os.path.isdir(path):
+        raise RadGrounderError(f"{_where(path, what)}: not a folder")
+    if folder is False and os.path.isdir(path):
+        raise RadGrounderError(f"{_where(path, what)}: is a folder, expected a file")
+
+
+def dataset_pending(cfg: TrainConfig) -> bool:
+    """Whether ``data.build`` will build a dataset on first use (it does not exist yet)."""
+    b = cfg.data.build
+    return bool(b.out) and not (Path(b.out) / "manifest.json").is_file()
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """What a run reads and writes, checked before any work (no lock, no dataset build, no
+    initial checkpoint): the output folder can be written, the model, SigLIP checkpoint,
+    build inputs and source folders exist."""
+    _writable_folder(Path(cfg.output_dir), "config.output_dir")
+    m = cfg.model
+    if m.path:
+        local = Path(m.path).expanduser()
+        text = str(m.path)
+        parts = text.split("/")
+        hub_like = len(parts) >= 2 and all(parts) and not text.startswith((".", "/", "~"))
+        if local.exists() or not hub_like:
+            _existing(local, "config.model.path", folder=True)
+    if m.siglip_checkpoint:
+        _existing(m.siglip_checkpoint, "config.model.siglip_checkpoint", folder=False)
+    b = cfg.data.build
+    building = dataset_pending(cfg)
+    if building:
+        if not (b.scans and b.labels and b.reports):
+            raise RadGrounderError("config.data.build: needs scans, labels, reports and out")
+        _existing(b.scans, "config.data.build.scans", folder=True)
+        _existing(b.labels, "config.data.build.labels", folder=True)
+        _existing(b.reports, "config.data.build.reports", folder=False)
+        _writable_folder(Path(b.out), "config.data.build.out")
+    if not cfg.data.sources:
+        raise RadGrounderError("config.data.sources: no training data configured")
+    for group in ("sources", "eval_sources"):
+        for i, src in enumerate(getattr(cfg.data, group)):
+            if building and Path(src.path).resolve() == Path(b.out).resolve():
+                continue  # built on first use
+            _existing(src.path, f"config.data.{group}[{i}].path", folder=True)
+
+
+def make_sources(cfg: TrainConfig) -> tuple[list[Any], list[Any]]:
+    """The readers of the training and held-out sources (their index files read, so a broken
+    or empty dataset is reported before the model is made)."""
+    from radgrounder.training.data import make_source
+
+    size, preset, variant = cfg.data.image_size, cfg.data.preset, cfg.model.variant
+    sources = [
+        make_source(s, variant, preset=preset, size=size, augment=cfg.data.augment)
+        for s in cfg.data.sources
+    ]
+    eval_sources = [
+        make_source(s, variant, preset=preset, size=size) for s in cfg.data.eval_sources
+    ]
+    return sources, eval_sources
 
 
 def ensure_dataset(cfg: TrainConfig) -> None:
