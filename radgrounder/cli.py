@@ -2,15 +2,51 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import click
 import typer
 
 from radgrounder.errors import RadGrounderError
+from radgrounder.labels.names import printable as _printable
+
+try:  # typer >= 0.2x raises its own vendored copies of click's exceptions
+    from typer._click import exceptions as _typer_click
+except ImportError:  # pragma: no cover - an older typer raises click's own
+    _typer_click = click.exceptions
+
+
+def _both(name: str) -> tuple[type[BaseException], ...]:
+    """Click's exception class ``name`` and typer's vendored copy of it (where either exists)."""
+    found = [getattr(m, name, None) for m in (click.exceptions, _typer_click)]
+    return tuple(dict.fromkeys(c for c in found if isinstance(c, type)))
+
+
+_NO_ARGS_HELP = _both("NoArgsIsHelpError")
+_USAGE_ERRORS = _both("UsageError")
+_CLICK_ERRORS = _both("ClickException")
+_EXITS = tuple(dict.fromkeys((click.exceptions.Exit, typer.Exit)))
+_ABORTS = tuple(dict.fromkeys((click.exceptions.Abort, typer.Abort)))
+# OS errors about a path the user gave: one line, not a traceback.
+_PATH_ERRNOS = {
+    errno.ENOENT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EEXIST,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.ENAMETOOLONG,
+    errno.ELOOP,
+    errno.ENOSPC,
+    errno.EROFS,
+    getattr(errno, "EDQUOT", errno.ENOSPC),
+}
+_LONGEST_SHOWN = 160  # characters of a path shown in a message; longer ones are shortened
 
 app = typer.Typer(
     name="radgrounder",
@@ -25,6 +61,22 @@ app = typer.Typer(
 def _example(text: str) -> str:
     # \b stops click from re-wrapping the command, so it stays copy-pasteable.
     return f"Example:\n\n\b\n  {text}"
+
+
+def _shown(path: str | os.PathLike[str]) -> str:
+    """A path for a one-line message: printable, and shortened when very long."""
+    text = _printable(os.fspath(path))
+    if len(text) <= _LONGEST_SHOWN:
+        return text
+    return f"{text[:100]}...{text[-40:]} ({len(text)} characters)"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or _one_line(str(exc)) or type(exc).__name__
 
 
 @app.command(epilog=_example("radgrounder inspect data/totalseg_example/example_ct_dicom"))
@@ -675,23 +727,56 @@ def serve(
     )
 
 
+def _fail(message: str, code: int) -> NoReturn:
+    print(f"radgrounder: error: {_one_line(_printable(message))}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _usage_message(exc: Any) -> str:
+    message = exc.format_message()
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return message
+
+
+def _os_error_message(exc: OSError) -> str:
+    names = [n for n in (exc.filename, exc.filename2) if n is not None]
+    where = " -> ".join(_shown(os.fsdecode(n)) for n in names)
+    return f"{where}: {_os_reason(exc)}" if where else _os_reason(exc)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: bad input becomes one line on stderr and exit code 1."""
+    """Console entry point: every error is one line on stderr, ``radgrounder: error: ...``,
+    with exit code 2 for a usage error (unknown option, missing or malformed value) and 1
+    for bad input (a missing, unreadable or broken file, a bad setting). Commands exit 3
+    when some items of a batch failed (they list them)."""
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="radgrounder", standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except RadGrounderError as exc:
-        print(f"radgrounder: error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except click.exceptions.Exit as exc:
+        _fail(str(exc), 1)
+    except _EXITS as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except _NO_ARGS_HELP as exc:  # a bare group name: its help, as click shows it
         exc.show()
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except _USAGE_ERRORS as exc:
+        _fail(_usage_message(exc), exc.exit_code)
+    except _CLICK_ERRORS as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except (*_ABORTS, KeyboardInterrupt):
         print("radgrounder: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # stdout went away (| head): point it at /dev/null so the exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as exc:
+        if exc.errno not in _PATH_ERRNOS:
+            raise
+        _fail(_os_error_message(exc), 1)
 
 
 if __name__ == "__main__":
