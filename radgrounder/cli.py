@@ -63,6 +63,9 @@ def _example(text: str) -> str:
     return f"Example:\n\n\b\n  {text}"
 
 
+# -- checks on the paths a command is given, made before any expensive work ---------------
+
+
 def _shown(path: str | os.PathLike[str]) -> str:
     """A path for a one-line message: printable, and shortened when very long."""
     text = _printable(os.fspath(path))
@@ -79,6 +82,157 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or _one_line(str(exc)) or type(exc).__name__
 
 
+def _label(path: Path, option: str | None) -> str:
+    return f"{option} {_shown(path)}" if option else _shown(path)
+
+
+def _check_name(path: Path, option: str | None = None) -> None:
+    """A file name that is not valid UTF-8 cannot be written into the JSON outputs."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RadGrounderError(
+            f"{_label(path, option)}: the file name is not valid UTF-8; rename it"
+        ) from None
+
+
+def _check_input(path: Path, option: str | None = None, *, folder: bool = False) -> None:
+    """``path`` exists (a folder when ``folder``), is readable and has a UTF-8 name."""
+    _check_name(path, option)
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise RadGrounderError(
+            f"{_label(path, option)}: no such {'folder' if folder else 'file or folder'}"
+        ) from None
+    except OSError as exc:
+        raise RadGrounderError(f"{_label(path, option)}: {_os_reason(exc)}") from None
+    is_dir = os.path.isdir(path)
+    if folder and not is_dir:
+        raise RadGrounderError(f"{_label(path, option)}: not a folder")
+    if not os.access(path, os.R_OK | (os.X_OK if is_dir else 0)):
+        raise RadGrounderError(f"{_label(path, option)}: permission denied")
+
+
+def _creatable(path: Path, option: str | None) -> None:
+    """``path`` does not exist yet: its nearest existing ancestor is a writable folder."""
+    for parent in Path(os.path.abspath(path)).parents:
+        try:
+            os.stat(parent)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            raise RadGrounderError(f"{_label(path, option)}: {_os_reason(exc)}") from None
+        if not os.path.isdir(parent):
+            raise RadGrounderError(
+                f"{_label(path, option)}: cannot be created, {_shown(parent)} is not a folder"
+            )
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RadGrounderError(
+                f"{_label(path, option)}: cannot be created, {_shown(parent)} is not writable"
+            )
+        return
+
+
+def _check_output(path: Path, option: str | None = None, *, folder: bool = True) -> None:
+    """``path`` can be written: an existing writable folder (or file, with ``folder=False``)
+    or a new one whose nearest existing ancestor is a writable folder. Nothing is created."""
+    _check_name(path, option)
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        _creatable(path, option)
+        return
+    except OSError as exc:
+        raise RadGrounderError(f"{_label(path, option)}: {_os_reason(exc)}") from None
+    is_dir = os.path.isdir(path)
+    if folder and not is_dir:
+        raise RadGrounderError(f"{_label(path, option)}: exists and is not a folder")
+    if not folder and is_dir:
+        raise RadGrounderError(f"{_label(path, option)}: is a folder, expected a file name")
+    if not os.access(path, os.W_OK | (os.X_OK if is_dir else 0)):
+        raise RadGrounderError(f"{_label(path, option)}: not writable")
+    if not is_dir:
+        _creatable(path, option)  # the file is replaced atomically: its folder is written
+
+
+def _choice(option: str, value: str | None, allowed: tuple[str, ...], *, optional=False) -> None:
+    if value is None and optional:
+        return
+    if value not in allowed:
+        raise typer.BadParameter(
+            f"{value!r} is not one of {', '.join(allowed)}", param_hint=f"'{option}'"
+        )
+
+
+def _at_least(option: str, value: int, low: int) -> None:
+    if value < low:
+        raise typer.BadParameter(f"must be at least {low}, got {value}", param_hint=f"'{option}'")
+
+
+def _check_dtype(dtype: str | None) -> None:
+    """``--dtype``: a floating torch dtype name (checked before any weight is read)."""
+    if dtype is None or dtype == "auto":
+        return
+    import torch
+
+    value = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise typer.BadParameter(
+            f"{dtype!r} is not a floating dtype (float32, bfloat16, ...)", param_hint="'--dtype'"
+        )
+
+
+def _checkpoint_hint(model: str) -> tuple[str, str | None]:
+    """(variant, normalisation preset) a local checkpoint's ``config.json`` names, read
+    without loading the weights; ``("detection", None)`` where it says nothing."""
+    try:
+        raw = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "detection", None
+    if not isinstance(raw, dict):
+        return "detection", None
+    settings = raw.get("radgrounder") if isinstance(raw.get("radgrounder"), dict) else {}
+    archs = raw.get("architectures") or []
+    segmentation = "GroundedGemmaForConditionalGeneration" in archs
+    if settings.get("variant") == "segmentation":
+        segmentation = True
+    norm = settings.get("normalization")
+    return "segmentation" if segmentation else "detection", norm if isinstance(norm, str) else None
+
+
+def _check_model(model: str) -> None:
+    """``--model``: an existing checkpoint folder, or something that can be a hub id
+    (``owner/name[/subfolder]``, looked up when no such local path exists)."""
+    path = Path(model).expanduser()
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        parts = model.split("/")
+        if len(parts) < 2 or model.startswith((".", "/", "~")) or not all(parts):
+            raise RadGrounderError(f"--model {_shown(model)}: no such checkpoint folder") from None
+        return
+    except OSError as exc:
+        raise RadGrounderError(f"--model {_shown(model)}: {_os_reason(exc)}") from None
+    if not path.is_dir():
+        raise RadGrounderError(f"--model {_shown(model)}: expected a checkpoint folder, got a file")
+
+
+class _LazyPredictor:
+    """A :class:`~radgrounder.inference.Predictor` made on the first ``predict`` call, so
+    ``run_predict`` reads and checks the scan before the model is loaded."""
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        self._model, self._kwargs, self._predictor = model, kwargs, None
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        if self._predictor is None:
+            from radgrounder.inference import Predictor
+
+            self._predictor = Predictor(self._model, **self._kwargs)
+        return self._predictor.predict(*args, **kwargs)
+
+
 @app.command(epilog=_example("radgrounder inspect data/totalseg_example/example_ct_dicom"))
 def inspect(
     path: Annotated[
@@ -90,13 +244,14 @@ def inspect(
     """Print modality, shape, voxel spacing, orientation, value range and slice count."""
     from radgrounder.imaging import inspect_scan
 
+    _check_input(path)
     info = inspect_scan(path, modality=modality)
     data = info.to_dict()
     if as_json:
         typer.echo(json.dumps(data, indent=2, default=str))
         return
     rows = [
-        ("path", data["path"]),
+        ("path", _printable(str(data["path"]))),
         ("kind", data["kind"]),
         (
             "modality",
@@ -136,6 +291,7 @@ def demo(
     baseline, predict on the DICOM series, write index.html."""
     from radgrounder.demo_pipeline import run_pipeline
 
+    _check_output(out, "--out")
     result = run_pipeline(
         out, max_steps=max_steps, eval_limit=eval_limit, max_new_tokens=max_new_tokens
     )
@@ -172,6 +328,8 @@ def labels_segment(
     """Run TotalSegmentator over every scan in a folder (needs the totalseg extra)."""
     from radgrounder.labels.segment import run_segmentation
 
+    _check_input(input_dir, folder=True)
+    _check_output(output_dir)
     report = run_segmentation(
         input_dir, output_dir, task=task, fast=fast, device=device, workers=workers, force=force
     )
@@ -205,6 +363,8 @@ def labels_regions(
     from radgrounder.imaging import read_label_map
     from radgrounder.labels.regions import extract_regions, unify_label_volume
 
+    _check_input(label_map)
+    _check_output(out, "--out", folder=False)
     unified = unify_label_volume(read_label_map(label_map), label_task=label_task)
     lines = [
         json.dumps(r.to_dict(), separators=(",", ":"))
@@ -242,6 +402,8 @@ def labels_keywords(
     from radgrounder.labels.keywords import extract_keywords, sentence_items
     from radgrounder.labels.reports import read_reports
 
+    _check_input(reports)
+    _check_output(out, "--out", folder=False)
     items = sentence_items(read_reports(reports), text_mode=text_mode)
     llm = (
         {
@@ -312,9 +474,17 @@ def labels_build(
     try:
         fractions = tuple(float(x) for x in split.split(","))
     except ValueError:
-        raise typer.BadParameter(f"--split: expected three numbers, got {split!r}") from None
+        fractions = ()
+    if len(fractions) != 3:
+        raise typer.BadParameter(
+            f"expected three fractions such as 0.8,0.1,0.1, got {split!r}", param_hint="'--split'"
+        )
     if export not in (None, "refrad2d"):
-        raise typer.BadParameter(f"--export: unknown layout {export!r} (refrad2d)")
+        raise typer.BadParameter(f"unknown layout {export!r} (refrad2d)", param_hint="'--export'")
+    _check_input(scans, "--scans", folder=True)
+    _check_input(labels, "--labels", folder=True)
+    _check_input(reports, "--reports")
+    _check_output(out, "--out")
     opts = BuildOptions(
         modality=modality,
         label_task=label_task,
@@ -360,7 +530,9 @@ def labels_export(
     from radgrounder.labels.export_refrad2d import export_refrad2d
 
     if layout != "refrad2d":
-        raise typer.BadParameter(f"--layout: unknown layout {layout!r} (refrad2d)")
+        raise typer.BadParameter(f"unknown layout {layout!r} (refrad2d)", param_hint="'--layout'")
+    _check_input(dataset, folder=True)
+    _check_output(out)
     written = export_refrad2d(dataset, out)
     typer.echo(f"refrad2d export: {written} -> {out}")
 
@@ -383,6 +555,7 @@ def model_init(
     """Write a randomly initialised model of the real classes plus its tokenizer."""
     from radgrounder.modeling import init_model
 
+    _check_output(out)
     path = init_model(size, variant, out, seed=seed)
     typer.echo(f"{size} {variant} model -> {path}")
 
@@ -400,6 +573,7 @@ def train(
     from radgrounder.training import load_config
     from radgrounder.training import train as run_training
 
+    _check_input(config)
     cfg = load_config(config, list(ctx.args))
     result = run_training(cfg, progress=not quiet)
     if not result.main_process:
@@ -473,16 +647,33 @@ def eval_cmd(
 ) -> None:
     """Score a model on a dataset split: samples.parquet/csv, summary.json (bootstrap CIs)
     and report.html in --out. Exit code 3 when some samples failed (listed at the end)."""
-    import os
-
-    from radgrounder.evaluation.datasets import open_dataset
+    _check_input(data_root, "--data-root", folder=True)
+    if images is not None:
+        _check_input(images, "--images", folder=True)
+    if embedding_model is not None:
+        _check_input(embedding_model, "--embedding-model", folder=True)
+    if matcher not in ("exact", "lexical"):
+        _check_input(Path(matcher), "--matcher", folder=True)
+    _check_output(out, "--out")
+    from radgrounder.evaluation.datasets import BUILT_TASKS, COMPAT_MODES, DATASETS, open_dataset
     from radgrounder.evaluation.runner import EvalOptions, evaluate
-    from radgrounder.modeling import load_model
 
-    if meteor not in ("auto", "on", "off"):
-        raise RadGrounderError(f"--meteor: expected auto, on or off, got {meteor!r}")
+    _choice("--dataset", dataset, DATASETS)
+    _choice("--split", split, ("train", "val", "validate", "test"))
+    _choice("--compat", compat, COMPAT_MODES)
+    _choice("--meteor", meteor, ("auto", "on", "off"))
+    _choice("--mask-threshold", mask_threshold, ("probability", "logit"), optional=True)
+    for t in task or ():
+        _choice("--task", t, BUILT_TASKS)
+    for lang in language or ():
+        _choice("--language", lang, ("en", "de"))
+    _at_least("--batch-size", batch_size, 1)
+    _at_least("--max-new-tokens", max_new_tokens, 1)
+    _at_least("--judge-concurrency", judge_concurrency, 1)
+    _check_dtype(dtype)
     if (judge_url is None) != (judge_model is None):
-        raise RadGrounderError("--judge-url and --judge-model go together")
+        raise typer.BadParameter("--judge-url and --judge-model go together")
+    _check_model(model)
     judge = None
     if judge_url:
         from radgrounder.evaluation.judge import LLMJudge
@@ -493,20 +684,33 @@ def eval_cmd(
             api_key=os.environ.get("RADGROUNDER_JUDGE_API_KEY"),
             concurrency=judge_concurrency,
         )
+
+    def open_for(variant: str, norm: str) -> Any:
+        return open_dataset(
+            dataset,
+            data_root,
+            split=split,
+            variant=variant,
+            preset=norm,
+            images=images,
+            tasks=task or None,
+            languages=language or None,
+            compat=compat,
+            prefix_style=prefix_style,
+            seed=seed,
+        )
+
+    # The dataset is read (and a broken file reported) before the model is loaded; it is
+    # opened again in the rare case the checkpoint's config.json did not tell the variant.
+    guess_variant, guess_norm = _checkpoint_hint(model)
+    opened_as = (guess_variant, preset or guess_norm or "reference")
+    ds = open_for(*opened_as)
+    from radgrounder.modeling import load_model
+
     loaded = load_model(model, device=device, dtype=dtype)
-    ds = open_dataset(
-        dataset,
-        data_root,
-        split=split,
-        variant=loaded.variant,
-        preset=preset or loaded.config.radgrounder.get("normalization", "reference"),
-        images=images,
-        tasks=task or None,
-        languages=language or None,
-        compat=compat,
-        prefix_style=prefix_style,
-        seed=seed,
-    )
+    wanted = (loaded.variant, preset or loaded.config.radgrounder.get("normalization", "reference"))
+    if wanted != opened_as:
+        ds = open_for(*wanted)
     opts = EvalOptions(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
@@ -548,6 +752,10 @@ def compare(
     from radgrounder.evaluation.compare import compare_runs
     from radgrounder.fileio import atomic_write_json
 
+    _check_input(run_a, folder=True)
+    _check_input(run_b, folder=True)
+    if out is not None:
+        _check_output(out, "--out", folder=False)
     result = compare_runs(run_a, run_b, n_resamples=bootstrap, seed=seed)
     typer.echo(f"{result['n_shared']} shared samples; A = {run_a}, B = {run_b}")
     for subset, metrics in result["metrics"].items():
@@ -606,10 +814,26 @@ def predict(
 ) -> None:
     """Run a model on a scan: predictions.jsonl, one overlay PNG per slice, mask PNGs,
     series.json for several slices, optionally a DICOM SEG/SR referencing the series."""
-    from radgrounder.inference import Predictor
-    from radgrounder.inference.outputs import run_predict
+    # The paths first: they need no import of the (slow to import) model code.
+    _check_input(input_path)
+    _check_output(out, "--out")
+    _check_model(model)
+    from radgrounder.imaging import WINDOWS
+    from radgrounder.inference import LANGUAGES, TASKS
+    from radgrounder.inference.outputs import EXPORTS, run_predict
 
-    predictor = Predictor(
+    _choice("--task", task, tuple(dict.fromkeys(t for ts in TASKS.values() for t in ts)))
+    _choice("--language", language, LANGUAGES)
+    _choice("--window", window, tuple(WINDOWS))
+    _choice("--export", export, EXPORTS, optional=True)
+    if slice_index is not None and all_slices:
+        raise typer.BadParameter("--slice and --all-slices exclude each other")
+    _at_least("--batch-size", batch_size, 1)
+    _at_least("--max-new-tokens", max_new_tokens, 1)
+    _at_least("--max-prompt-tokens", max_prompt_tokens, 1)
+    _check_dtype(dtype)
+    # The model is loaded on the first prediction, after the scan has been read and checked.
+    predictor = _LazyPredictor(
         model,
         device=device,
         dtype=dtype,
@@ -632,9 +856,9 @@ def predict(
         clinical_info=clinical_info,
         clinical_question=clinical_question,
     )
-    typer.echo(f"{run.n} prediction(s) -> {run.out}")
+    typer.echo(f"{run.n} prediction(s) -> {_printable(str(run.out))}")
     for name, path in run.files.items():
-        typer.echo(f"  {name}: {path}")
+        typer.echo(f"  {name}: {_printable(str(path))}")
 
 
 @app.command(epilog=_example("radgrounder serve --model runs/tiny-cpu/final --port 8000"))
