@@ -239,13 +239,36 @@ def inspect(
         Path, typer.Argument(help="DICOM file, DICOM series folder, NIfTI or PNG/JPG.")
     ],
     modality: Annotated[str | None, typer.Option(help="Override the modality (CT or MR).")] = None,
+    series_uid: Annotated[
+        str | None, typer.Option(help="The series to read from a folder that holds several.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Print modality, shape, voxel spacing, orientation, value range and slice count."""
+    """Print modality, shape, voxel spacing, orientation, value range and slice count; for a
+    folder with several DICOM series, the list of series (pick one with --series-uid)."""
     from radgrounder.imaging import inspect_scan
 
     _check_input(path)
-    info = inspect_scan(path, modality=modality)
+    if path.is_dir() and series_uid is None:
+        from radgrounder.imaging.dicom_series import list_series
+
+        series = list_series(path)
+        if len(series) > 1:
+            if as_json:
+                typer.echo(json.dumps({"path": str(path), "series": series}, indent=2))
+                return
+            typer.echo(
+                f"{_printable(str(path))}: {len(series)} series (pick one with --series-uid)"
+            )
+            for s in series:
+                folders = ", ".join(map(str, s["folders"]))  # type: ignore[arg-type]
+                typer.echo(
+                    f"  {s['series_uid'] or '<no SeriesInstanceUID>'}  {s['modality'] or '-'}  "
+                    f"{s['n_files']} files  {s['rows']}x{s['columns']}  "
+                    f"{s['description'] or ''}  [{_printable(folders)}]"
+                )
+            return
+    info = inspect_scan(path, modality=modality, series_uid=series_uid)
     data = info.to_dict()
     if as_json:
         typer.echo(json.dumps(data, indent=2, default=str))
@@ -800,6 +823,9 @@ def predict(
     ] = None,
     clinical_info: Annotated[str | None, typer.Option(help="Clinical information.")] = None,
     clinical_question: Annotated[str | None, typer.Option(help="Clinical question.")] = None,
+    series_uid: Annotated[
+        str | None, typer.Option(help="The series to read from a folder that holds several.")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Generation length limit.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Slices per batch.")] = 8,
     max_prompt_tokens: Annotated[
@@ -851,6 +877,7 @@ def predict(
         window=window,
         export=export,
         max_new_tokens=max_new_tokens,
+        series_uid=series_uid,
         question=question,
         structures=[s.strip() for s in structures.split(",") if s.strip()] if structures else None,
         clinical_info=clinical_info,

@@ -13,7 +13,13 @@ import numpy as np
 from radgrounder.datasets.example import TASK_PROMPT, Example, resize_mask
 from radgrounder.errors import RadGrounderError
 from radgrounder.imaging import preprocess_slice
-from radgrounder.labels.dataset import SPLITS, GroundedDataset, decode_image, decode_labels
+from radgrounder.labels.dataset import (
+    SPLITS,
+    GroundedDataset,
+    decode_image,
+    decode_labels,
+    read_rows,
+)
 from radgrounder.labels.regions import group_mask
 from radgrounder.prompts import build_prompt
 
@@ -22,24 +28,8 @@ if TYPE_CHECKING:
 
 
 def open_built(path: str | Path) -> GroundedDataset:
-    """A built dataset folder, with a broken ``manifest.json`` reported by name."""
-    try:
-        return GroundedDataset(Path(path))
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise RadGrounderError(
-            f"not valid JSON ({exc})", path=Path(path) / "manifest.json"
-        ) from None
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of one Parquet shard; a file that is not readable Parquet is named."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path).to_pylist()
-    except (pa.ArrowException, OSError) as exc:
-        raise RadGrounderError(f"not a readable Parquet file ({exc})", path=path) from None
+    """A built dataset folder (broken manifests and shards are reported by name)."""
+    return GroundedDataset(Path(path))
 
 
 def sample_rows(ds: GroundedDataset, split: str) -> Iterator[tuple[Path, dict[str, Any]]]:

@@ -102,9 +102,11 @@ def run_predict(
     window: str = "soft_tissue",
     export: str | None = None,
     max_new_tokens: int = 200,
+    series_uid: str | None = None,
     **task_fields: Any,
 ) -> PredictRun:
-    """Predict on a DICOM file or folder, NIfTI or PNG/JPG and write the outputs to ``out``."""
+    """Predict on a DICOM file or folder, NIfTI or PNG/JPG and write the outputs to ``out``
+    (``series_uid`` picks one series of a folder that holds several)."""
     from radgrounder.imaging import WINDOWS
 
     if window not in WINDOWS:
@@ -112,7 +114,7 @@ def run_predict(
     if export is not None and export not in EXPORTS:
         raise RadGrounderError(f"--export: unknown {export!r} (expected {', '.join(EXPORTS)})")
     out = Path(out)
-    volume = load_scan(input_path)
+    volume = load_scan(input_path, series_uid=series_uid)
     if export and volume.kind != "dicom-series":
         raise RadGrounderError("--export needs a DICOM series folder as input", path=input_path)
     indices = select_slices(volume, slice_index, all_slices)

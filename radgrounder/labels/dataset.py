@@ -153,6 +153,16 @@ def decode_labels(row: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(row["labels"], dtype=np.uint8).reshape(row["height"], row["width"])
 
 
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of one Parquet shard; a file that is not readable Parquet is named."""
+    import pyarrow as pa
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise RadGrounderError(f"not a readable Parquet file ({exc})", path=path) from None
+
+
 @dataclass
 class GroundedDataset:
     """Read access to a built dataset folder."""
@@ -163,7 +173,11 @@ class GroundedDataset:
         self.root = Path(self.root)
         if not (self.root / "manifest.json").is_file():
             raise RadGrounderError("not a built dataset (no manifest.json)", path=self.root)
-        self.manifest = json.loads((self.root / "manifest.json").read_text(encoding="utf-8"))
+        path = self.root / "manifest.json"
+        try:
+            self.manifest = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise RadGrounderError(f"not valid JSON ({exc})", path=path) from None
 
     def _files(self, kind: str, split: str | None) -> list[Path]:
         if split is not None and split not in SPLITS:
@@ -174,17 +188,16 @@ class GroundedDataset:
     def samples(self, split: str | None = None, **filters: str) -> Iterator[dict[str, Any]]:
         """Sample rows, optionally filtered by column values (e.g. ``task="grounded-report"``)."""
         for f in self._files("samples", split):
-            for row in pq.read_table(f).to_pylist():
+            for row in read_rows(f):
                 if all(row.get(k) == v for k, v in filters.items()):
                     yield row
 
     def slices(self, split: str | None = None) -> Iterator[dict[str, Any]]:
         for f in self._files("slices", split):
-            yield from pq.read_table(f).to_pylist()
+            yield from read_rows(f)
 
     def slice_row(self, split: str, scan_id: str, slice_index: int) -> dict[str, Any]:
-        table = pq.read_table(self.root / "slices" / split / f"{scan_id}.parquet")
-        for row in table.to_pylist():
+        for row in read_rows(self.root / "slices" / split / f"{scan_id}.parquet"):
             if row["slice_index"] == slice_index:
                 return row
         raise RadGrounderError(f"slice {slice_index} of scan {scan_id!r} not in the dataset")

@@ -286,6 +286,10 @@ def test_eval_broken_dataset_files(capsys, tmp_path, model, no_model_load):
         )
         one_error(result, 1, file, needle)
     assert not (tmp_path / "run").exists()
+    # labels export reads the same dataset layer: the same one line.
+    for root, file, needle in ((manifest, "manifest.json", "not valid JSON"),
+                               (built, "scan.parquet", "Parquet")):  # fmt: skip
+        one_error(cli(capsys, "labels", "export", root, tmp_path / "x"), 1, file, needle)
 
 
 # -- train: config and override errors, nothing written ------------------------------------

@@ -5,6 +5,7 @@ nested exports. Outcomes and geometry (mm) are checked against the tags themselv
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -195,3 +196,48 @@ def test_nested_exports_and_several_series(tmp_path: Path) -> None:
     with pytest.raises(RadGrounderError, match="holds 2 series"):
         load_scan(export)
     assert load_scan(export, series_uid=other_uid).n_slices == 5
+
+
+def test_cli_lists_several_series_and_reads_the_chosen_one(tmp_path: Path, capsys) -> None:
+    from radgrounder.cli import main
+    from radgrounder.modeling import init_model
+
+    export = tmp_path / "export"
+    derive(export / "A")
+    uid = pydicom.uid.generate_uid()
+
+    def other(k: int, ds: pydicom.Dataset) -> pydicom.Dataset | None:
+        if k >= 4:
+            return None
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, pydicom.uid.generate_uid()
+        ds.SeriesDescription = "scout"
+        return ds
+
+    derive(export / "B", other)
+
+    def run(args: list[str]) -> tuple[int, str, str]:
+        try:
+            main(args)
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        cap = capsys.readouterr()
+        return code, cap.out, cap.err
+
+    code, out, _ = run(["inspect", str(export)])
+    assert code == 0 and "2 series (pick one with --series-uid)" in out
+    assert uid in out and "4 files" in out and "scout" in out and "[B]" in out
+    code, out, _ = run(["inspect", str(export), "--series-uid", uid, "--json"])
+    assert code == 0 and json.loads(out)["n_slices"] == 4
+    model = init_model("tiny", "detection", tmp_path / "m", seed=0)
+    code, _, err = run(
+        ["predict", str(export), "--model", str(model), "--out", str(tmp_path / "o")]
+    )
+    assert code == 1 and "holds 2 series" in err and err.count("\n") == 1
+    code, out, err = run(
+        ["predict", str(export), "--model", str(model), "--out", str(tmp_path / "o"),
+         "--series-uid", uid, "--all-slices", "--max-new-tokens", "2"]
+    )  # fmt: skip
+    assert code == 0, err
+    lines = (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 4
