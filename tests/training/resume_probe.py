@@ -4,6 +4,7 @@ a shared filesystem would; rank 0's holds a checkpoint at step 6."""
 import sys
 from pathlib import Path
 
+import torch.distributed
 from accelerate import Accelerator
 
 from radgrounder.errors import RadGrounderError
@@ -21,3 +22,6 @@ try:
     print(f"rank {accelerator.process_index}: resume step {step}", flush=True)
 except RadGrounderError as exc:
     print(f"rank {accelerator.process_index}: error: {exc}", flush=True)
+# Leave the process group cleanly: a live gloo group at interpreter exit can abort the process.
+accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()
