@@ -598,13 +598,28 @@ def train(
 
     _check_input(config)
     cfg = load_config(config, list(ctx.args))
-    result = run_training(cfg, progress=not quiet)
+    try:
+        result = run_training(cfg, progress=not quiet)
+    finally:
+        _leave_process_group()
     if not result.main_process:
         return
     msg = f"trained {result.steps} steps, last loss {result.last_loss:.4f}"
     if result.eval_loss is not None:
         msg += f", held-out loss {result.eval_loss:.4f}"
     typer.echo(f"{msg}; final model -> {result.final_dir}")
+
+
+def _leave_process_group() -> None:
+    """Destroy the distributed process group a launched run created, so no communication
+    thread is still running when the interpreter exits (which aborts the process with
+    "terminate called without an active exception" and a non-zero exit code)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 _EVAL_EXAMPLE = (
