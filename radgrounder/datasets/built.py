@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +13,6 @@ from radgrounder.datasets.example import TASK_PROMPT, Example, resize_mask
 from radgrounder.errors import RadGrounderError
 from radgrounder.imaging import preprocess_slice
 from radgrounder.labels.dataset import (
-    SPLITS,
     GroundedDataset,
     decode_image,
     decode_labels,
@@ -25,20 +23,6 @@ from radgrounder.prompts import build_prompt
 
 if TYPE_CHECKING:
     from radgrounder.training.config import SourceConfig
-
-
-def open_built(path: str | Path) -> GroundedDataset:
-    """A built dataset folder (broken manifests and shards are reported by name)."""
-    return GroundedDataset(Path(path))
-
-
-def sample_rows(ds: GroundedDataset, split: str) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """``(shard, row)`` for every sample row of ``split`` (what ``ds.samples(split)`` reads)."""
-    if split not in SPLITS:
-        raise RadGrounderError(f"split: unknown value {split!r} (expected {', '.join(SPLITS)})")
-    for f in sorted((ds.root / "samples" / split).glob("*.parquet")):
-        for row in read_rows(f):
-            yield f, row
 
 
 def _column(row: dict[str, Any], name: str, shard: Path) -> Any:
@@ -56,7 +40,7 @@ class BuiltSource:
     ) -> None:
         self.name = cfg.name or f"built:{Path(cfg.path).name}"
         self.variant, self.preset, self.size, self.augment = variant, preset, size, augment
-        ds = open_built(cfg.path)
+        ds = GroundedDataset(Path(cfg.path))
         self.root = ds.root
         wanted = set(cfg.tasks)
         unknown = wanted - {"grounded-report", "report", "vqa", "grounded-vqa"}
@@ -65,7 +49,7 @@ class BuiltSource:
         # A plain report is the grounded report's text without markup.
         base = {"report": "grounded-report"}
         rows = []
-        for shard, row in sample_rows(ds, cfg.split):
+        for shard, row in ds.sample_rows(cfg.split):
             if _column(row, "language", shard) not in cfg.languages:
                 continue
             for task in wanted:

@@ -177,10 +177,11 @@ def open_dataset(
 
 
 def _built(root, split, variant, preset, size, tasks, langs):
-    from radgrounder.datasets.built import BuiltSource, open_built, sample_rows
+    from radgrounder.datasets.built import BuiltSource
+    from radgrounder.labels.dataset import GroundedDataset
 
     if tasks is None:
-        present = {row.get("task") for _, row in sample_rows(open_built(root), split)}
+        present = {row.get("task") for _, row in GroundedDataset(Path(root)).sample_rows(split)}
         tasks = [t for t in BUILT_TASKS if t in present] or ["grounded-report"]
     bad = set(tasks) - set(BUILT_TASKS)
     if bad:

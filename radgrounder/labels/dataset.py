@@ -185,12 +185,17 @@ class GroundedDataset:
         splits = [split] if split else list(SPLITS)
         return [f for s in splits for f in sorted((self.root / kind / s).glob("*.parquet"))]
 
-    def samples(self, split: str | None = None, **filters: str) -> Iterator[dict[str, Any]]:
-        """Sample rows, optionally filtered by column values (e.g. ``task="grounded-report"``)."""
+    def sample_rows(self, split: str | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
+        """``(shard, row)`` for every sample row (the shard names a file in errors)."""
         for f in self._files("samples", split):
             for row in read_rows(f):
-                if all(row.get(k) == v for k, v in filters.items()):
-                    yield row
+                yield f, row
+
+    def samples(self, split: str | None = None, **filters: str) -> Iterator[dict[str, Any]]:
+        """Sample rows, optionally filtered by column values (e.g. ``task="grounded-report"``)."""
+        for _, row in self.sample_rows(split):
+            if all(row.get(k) == v for k, v in filters.items()):
+                yield row
 
     def slices(self, split: str | None = None) -> Iterator[dict[str, Any]]:
         for f in self._files("slices", split):

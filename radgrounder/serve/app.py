@@ -101,10 +101,14 @@ def _multipart(schema: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _png_base64(image: np.ndarray) -> str:
+def _png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG", compress_level=3)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def _png_base64(image: np.ndarray) -> str:
+    return base64.b64encode(_png(image)).decode("ascii")
 
 
 def _hex(rgb: tuple[int, int, int]) -> str:
@@ -522,12 +526,7 @@ def create_app(
         name = params.window({"window": window} if window else {})
 
         def render() -> bytes:
-            image = display_image(study.volume.data[k], study.volume.modality, preset=name)
-            buffer = io.BytesIO()
-            Image.fromarray(np.ascontiguousarray(image)).save(
-                buffer, format="PNG", compress_level=3
-            )
-            return buffer.getvalue()
+            return _png(display_image(study.volume.data[k], study.volume.modality, preset=name))
 
         return Response(await anyio.to_thread.run_sync(render), media_type="image/png")
 

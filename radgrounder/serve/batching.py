@@ -151,8 +151,12 @@ class Batcher:
     def check_admission(self, n_items: int = 1) -> None:
         """Raise :class:`QueueFull` if ``n_items`` more would not be admitted now."""
         with self._lock:
-            if self._pending and self._pending + n_items > self.max_queued:
-                raise QueueFull(self._retry_after_locked())
+            self._admit_locked(n_items)
+
+    def _admit_locked(self, n_items: int) -> None:
+        """The admission rule: room for ``n_items``, or nothing else pending."""
+        if self._pending and self._pending + n_items > self.max_queued:
+            raise QueueFull(self._retry_after_locked())
 
     def _retry_after_locked(self) -> int:
         calls = -(-self._pending // self.max_batch)
@@ -172,8 +176,7 @@ class Batcher:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         job = _Job(units, int(max_new_tokens), loop, loop.create_future(), deadline)
         with self._lock:
-            if self._pending and self._pending + n > self.max_queued:
-                raise QueueFull(self._retry_after_locked())
+            self._admit_locked(n)
             self._pending += n
             job.counted = n
         self.start()

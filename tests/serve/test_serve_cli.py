@@ -137,3 +137,26 @@ def _shown(name: str, value: Any) -> str:
     if name == "max_voxels":
         return "2^29"
     return str(value)
+
+
+def test_serve_option_defaults_are_the_limits_defaults() -> None:
+    """The CLI cannot import the (FastAPI) serve package at start-up, so its defaults are
+    literals: keep them equal to ``ServeLimits()``."""
+    import typer
+
+    from radgrounder.cli import app
+
+    params = {p.name: p.default for p in typer.main.get_command(app).commands["serve"].params}
+    limits = ServeLimits()
+    assert params["max_upload_mb"] * MiB == limits.max_upload_bytes
+    assert params["max_prompt_tokens"] == limits.max_prompt_tokens
+    assert params["max_queue"] == limits.max_queued_items
+    assert params["request_timeout"] == limits.request_timeout_s
+    assert params["max_concurrent_uploads"] == limits.max_concurrent_uploads
+    assert params["study_storage_mb"] * MiB == limits.study_storage_bytes
+    assert params["study_ttl"] == limits.study_ttl_s
+    assert params["max_connections"] == limits.max_connections
+    predict = {p.name: p.default for p in typer.main.get_command(app).commands["predict"].params}
+    from radgrounder.inference.predictor import DEFAULT_MAX_PROMPT_TOKENS
+
+    assert predict["max_prompt_tokens"] == DEFAULT_MAX_PROMPT_TOKENS == limits.max_prompt_tokens
