@@ -291,6 +291,12 @@ def inspect(
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")
+    _warn(info.warnings)
+
+
+def _warn(notes: list[str], prefix: str = "") -> None:
+    for note in notes:
+        typer.echo(f"radgrounder: warning: {prefix}{_printable(note)}", err=True)
 
 
 @app.command(epilog=_example("radgrounder demo --out demo_output --serve"))
@@ -490,9 +496,25 @@ def labels_build(
     workers: Annotated[int, typer.Option(help="Scans processed in parallel.")] = 1,
     executor: Annotated[str, typer.Option(help="local (process pool) or ray.")] = "local",
     export: Annotated[str | None, typer.Option(help="Also write another layout: refrad2d.")] = None,
+    series_uid: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="SCAN_ID=UID: the series of a scan folder that holds several (repeatable; "
+            "default: the series on the label map's grid)."
+        ),
+    ] = None,
 ) -> None:
     """Scans + label maps + reports -> a grounded bilingual dataset (resumable)."""
     from radgrounder.labels.build import BuildOptions, build_dataset
+
+    series: dict[str, str] = {}
+    for item in series_uid or []:
+        sid, sep, uid = item.partition("=")
+        if not sep or not sid.strip() or not uid.strip():
+            raise typer.BadParameter(
+                f"expected SCAN_ID=UID, got {item!r}", param_hint="'--series-uid'"
+            )
+        series[sid.strip()] = uid.strip()
 
     try:
         fractions = tuple(float(x) for x in split.split(","))
@@ -522,8 +544,11 @@ def labels_build(
         workers=workers,
         executor=executor,
         llm={"endpoint": endpoint, "model": model} if backend == "llm" else {},
+        series=series,
     )
     report = build_dataset(scans, labels, reports, out, opts)
+    for scan, notes in report.warnings.items():
+        _warn(notes, prefix=f"{scan}: ")
     counts = report.manifest["counts"]
     typer.echo(
         f"scans built {len(report.done)}, resumed {len(report.skipped)}, failed "
@@ -841,6 +866,9 @@ def predict(
     series_uid: Annotated[
         str | None, typer.Option(help="The series to read from a folder that holds several.")
     ] = None,
+    modality: Annotated[
+        str | None, typer.Option(help="CT or MR, overriding the tag, sidecar or inference.")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Generation length limit.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Slices per batch.")] = 8,
     max_prompt_tokens: Annotated[
@@ -893,11 +921,13 @@ def predict(
         export=export,
         max_new_tokens=max_new_tokens,
         series_uid=series_uid,
+        modality=modality,
         question=question,
         structures=[s.strip() for s in structures.split(",") if s.strip()] if structures else None,
         clinical_info=clinical_info,
         clinical_question=clinical_question,
     )
+    _warn(run.warnings)
     typer.echo(f"{run.n} prediction(s) -> {_printable(str(run.out))}")
     for name, path in run.files.items():
         typer.echo(f"  {name}: {_printable(str(path))}")

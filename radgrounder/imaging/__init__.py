@@ -5,7 +5,7 @@ anterior→posterior and patient right→left ("SPL"), i.e. the radiological axi
 """
 
 from radgrounder.imaging.dicom import read_dicom
-from radgrounder.imaging.dicom_series import read_dicom_series
+from radgrounder.imaging.dicom_series import list_series, read_dicom_series
 from radgrounder.imaging.load import ScanInfo, inspect_scan, load_scan
 from radgrounder.imaging.nifti import nifti_label_names, read_label_map, read_nifti
 from radgrounder.imaging.normalize import (
@@ -35,6 +35,7 @@ __all__ = [
     "clamp_ct",
     "display_image",
     "inspect_scan",
+    "list_series",
     "load_scan",
     "nifti_label_names",
     "normalize",

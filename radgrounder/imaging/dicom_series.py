@@ -120,6 +120,12 @@ def _member_position(
     return float(ipp @ normal_of(iop, p))
 
 
+def _skipped_note(skipped: list[str], shown: int = 5) -> str:
+    names = ", ".join(skipped[:shown]) + (f", ... ({len(skipped) - shown} more)" if len(
+        skipped) > shown else "")  # fmt: skip
+    return f"{len(skipped)} file(s) in the folder are no DICOM image and were skipped: {names}"
+
+
 def list_series(folder: PathType) -> list[dict[str, object]]:
     """The DICOM image series under ``folder`` (nested exports included), in the order their
     first files appear: ``series_uid``, ``n_files``, ``modality``, ``description``,
@@ -241,6 +247,7 @@ def _read_series(
         n_skipped_files=len(skipped),
         skipped_files=skipped,
         n_series_in_folder=len(groups),
+        warnings=[_skipped_note(skipped)] if skipped else [],
         slice_positions=positions.tolist(),
         irregular_spacing=False,  # irregular series are refused (_check_regular)
         gantry_tilt_deg=round(tilt, 3),

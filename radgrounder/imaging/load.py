@@ -68,6 +68,7 @@ class ScanInfo:
     value_max: float
     dtype: str
     extra: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -133,4 +134,5 @@ def inspect_scan(
         value_max=high,
         dtype=str(vol.data.dtype),
         extra=extra,
+        warnings=list(meta.get("warnings") or []),
     )

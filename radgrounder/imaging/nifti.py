@@ -28,6 +28,8 @@ from radgrounder.imaging.volume import (
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Air is about -1000 HU; MR intensities are (almost) never this negative.
 _CT_AIR_THRESHOLD = -500.0
+# Unsigned CT saved as HU + 1024 reaches bone (> 1500 stored) somewhere in any body scan.
+_UNSIGNED_CT_HIGH = 1500.0
 _MAX_LABEL = np.iinfo(np.int32).max
 
 
@@ -123,19 +125,53 @@ def _base_metadata(img: nib.Nifti1Image) -> dict[str, Any]:
     }
 
 
-def _modality(path: Path, data: np.ndarray, argument: str | None) -> tuple[str, str, str | None]:
-    """(modality, modality_source, sidecar path or None)."""
-    if argument is not None:
-        return canonical_modality(argument, path), "argument", None
-    from_sidecar = sidecar_modality(path)
-    if from_sidecar is not None:
-        return from_sidecar[0], "sidecar", str(from_sidecar[1])
+def _low_high(data: np.ndarray) -> tuple[float, float]:
+    """The 0.5th percentile (a strided sample keeps it cheap on large volumes) and the maximum."""
     flat = data.ravel()
-    # A strided sample keeps the percentile cheap on large volumes.
     if flat.size > 4_000_000:
         flat = flat[:: flat.size // 4_000_000 + 1]
-    low = float(np.percentile(flat, 0.5))
-    return ("CT" if low < _CT_AIR_THRESHOLD else "MR"), "inferred", None
+    return float(np.percentile(flat, 0.5)), float(data.max())
+
+
+def _unscaled_unsigned(img: nib.Nifti1Image) -> bool:
+    """Unsigned integers on disk with no intercept: CT saved this way is not in HU."""
+    if np.dtype(img.get_data_dtype()).kind != "u":
+        return False
+    inter = img.header["scl_inter"]
+    slope = img.header["scl_slope"]
+    return not (np.isfinite(slope) and slope != 0 and np.isfinite(inter) and inter != 0)
+
+
+def _modality(
+    img: nib.Nifti1Image, path: Path, data: np.ndarray, argument: str | None
+) -> tuple[str, str, str | None, list[str]]:
+    """(modality, modality_source, sidecar path or None, warnings)."""
+    unsigned = _unscaled_unsigned(img)
+    if argument is not None:
+        mod = canonical_modality(argument, path)
+        notes = []
+        if mod == "CT" and unsigned and _low_high(data)[0] >= 0:
+            notes.append(
+                "CT stored as unsigned integers without scl_inter: the values start at 0, so "
+                "they are not Hounsfield units (often HU + 1024) and the CT windows will be "
+                "off; set scl_inter (e.g. -1024) in the header"
+            )
+        return mod, "argument", None, notes
+    from_sidecar = sidecar_modality(path)
+    if from_sidecar is not None:
+        return from_sidecar[0], "sidecar", str(from_sidecar[1]), []
+    low, high = _low_high(data)
+    if low < _CT_AIR_THRESHOLD:
+        return "CT", "inferred", None, []
+    notes = []
+    if unsigned and high >= _UNSIGNED_CT_HIGH:
+        notes.append(
+            f"modality inferred as MR (0.5th percentile {low:g} is not air in HU), but the "
+            f"voxels are unsigned integers up to {high:g} without scl_inter, as CT saved as "
+            "HU + 1024 would be; pass --modality CT (or a JSON sidecar with Modality) if "
+            "it is CT"
+        )
+    return "MR", "inferred", None, notes
 
 
 def read_nifti(
@@ -148,10 +184,10 @@ def read_nifti(
     check_voxels(tuple(int(s) for s in img.shape), max_voxels, path)
     data = _voxels(img, path, labels=False)
     check_finite(data, path)
-    mod, mod_source, sidecar = _modality(path, data, modality)
+    mod, mod_source, sidecar, notes = _modality(img, path, data, modality)
     canon, affine = _canonical(img, data, path)
     meta = _base_metadata(img)
-    meta.update(modality_source=mod_source, sidecar=sidecar)
+    meta.update(modality_source=mod_source, sidecar=sidecar, warnings=notes)
     return Volume(
         data=canon,
         affine=affine,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ class PredictRun:
     out: Path
     n: int
     files: dict[str, Path]
+    warnings: list[str] = field(default_factory=list)  # about the input (see Volume.metadata)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -103,10 +104,12 @@ def run_predict(
     export: str | None = None,
     max_new_tokens: int = 200,
     series_uid: str | None = None,
+    modality: str | None = None,
     **task_fields: Any,
 ) -> PredictRun:
     """Predict on a DICOM file or folder, NIfTI or PNG/JPG and write the outputs to ``out``
-    (``series_uid`` picks one series of a folder that holds several)."""
+    (``series_uid`` picks one series of a folder that holds several; ``modality`` overrides
+    the tag, sidecar or intensity inference)."""
     from radgrounder.imaging import WINDOWS
 
     if window not in WINDOWS:
@@ -114,7 +117,7 @@ def run_predict(
     if export is not None and export not in EXPORTS:
         raise RadGrounderError(f"--export: unknown {export!r} (expected {', '.join(EXPORTS)})")
     out = Path(out)
-    volume = load_scan(input_path, series_uid=series_uid)
+    volume = load_scan(input_path, series_uid=series_uid, modality=modality)
     if export and volume.kind != "dicom-series":
         raise RadGrounderError("--export needs a DICOM series folder as input", path=input_path)
     indices = select_slices(volume, slice_index, all_slices)
@@ -135,7 +138,7 @@ def run_predict(
         files["series"] = out / "series.json"
     if export:
         files[export] = _export(export, Path(input_path), volume, preds, out)
-    return PredictRun(out, len(preds), files)
+    return PredictRun(out, len(preds), files, list(volume.metadata.get("warnings") or []))
 
 
 def _export(kind: str, series_dir: Path, volume: Volume, preds: Sequence[Any], out: Path) -> Path:

@@ -42,6 +42,9 @@ class BuildOptions:
     llm: dict[str, Any] = field(default_factory=dict)
     workers: int = 1
     executor: str = "local"
+    # scan id -> SeriesInstanceUID, for scan folders that hold several series (otherwise the
+    # series on the label map's grid is used)
+    series: dict[str, str] = field(default_factory=dict)
 
     def fingerprint_config(self) -> dict[str, Any]:
         """The options that change the output (not how it is computed)."""
@@ -68,6 +71,7 @@ class BuildReport:
     skipped: list[str]
     failed: dict[str, str]
     manifest: dict[str, Any]
+    warnings: dict[str, list[str]] = field(default_factory=dict)  # scan id -> notes on its input
 
 
 def _scan_id(path: Path) -> str:
@@ -205,6 +209,12 @@ def build_dataset(
     report_list = list(reports) if not isinstance(reports, str | Path) else read_reports(reports)
     failed: dict[str, str] = {}
     scans = discover_scans(scans_dir, failed)
+    unknown = sorted(set(opts.series) - set(scans))
+    if unknown:
+        raise RadGrounderError(
+            f"series: no scan {unknown[0]!r} in the scan folder (series are chosen per scan id)",
+            path=scans_dir,
+        )
     labels: dict[str, Path] = {}
     for sid in scans:
         cands = [labels_dir / f"{sid}.nii.gz", labels_dir / f"{sid}.nii"]
@@ -278,6 +288,7 @@ def build_dataset(
                 for lang, v in reps.items()
             },
             radgrounder.__version__,
+            opts.series.get(sid),
         )
         jobs.append(
             ScanJob(
@@ -290,6 +301,7 @@ def build_dataset(
                 {**config, "slice_axis": opts.slice_axis},
                 fp,
                 opts.languages,
+                opts.series.get(sid),
             )
         )
 
@@ -309,6 +321,7 @@ def build_dataset(
         _run_jobs(jobs, opts, on_done)
 
     manifest = _manifest(jobs, per_scan, splits, scans, labels, config, sentence_failures)
+    notes = {sid: c["warnings"] for sid, c in sorted(per_scan.items()) if c.get("warnings")}
     atomic_write_json(out / "manifest.json", manifest)
     atomic_write_json(
         out / "build_report.json",
@@ -316,9 +329,12 @@ def build_dataset(
             "failed_scans": dict(sorted(failed.items())),
             "failed_sentences": dict(sorted(sentence_failures.items())),
             "reports_without_scan": unmatched,
+            "warnings": notes,
         },
     )
-    return BuildReport(out, sorted(done), sorted(skipped), dict(sorted(failed.items())), manifest)
+    return BuildReport(
+        out, sorted(done), sorted(skipped), dict(sorted(failed.items())), manifest, notes
+    )
 
 
 def _manifest(jobs, per_scan, splits, scans, labels, config, sentence_failures) -> dict[str, Any]:
@@ -347,6 +363,7 @@ def _manifest(jobs, per_scan, splits, scans, labels, config, sentence_failures) 
             "scan": Path(job.scan_path).name,
             "labels": Path(job.label_path).name,
             "fingerprint": job.fingerprint,
+            **{k: c[k] for k in ("series_uid", "dropped_label_ids") if c.get(k)},
         }
     return {
         "format": "radgrounder-grounded-dataset/1",

@@ -71,11 +71,13 @@ def unify_label_volume(
     *,
     label_task: str | None = None,
     label_names: Mapping[int, str] | None = None,
+    dropped: dict[int, int] | None = None,
 ) -> np.ndarray:
     """A TotalSegmentator label map in unified ids (uint8), matched by class name.
 
     Names come from ``label_names``, else from the map's NIfTI extension, else from
-    ``label_task`` (``total`` or ``total_mr``). Ids whose names are not in the schema become 0.
+    ``label_task`` (``total`` or ``total_mr``). Ids whose names are not in the schema become 0;
+    with ``dropped`` their voxel counts are stored there (``{label id: voxels}``).
     """
     data = labels.data if isinstance(labels, Volume) else np.asarray(labels)
     if label_names is None and isinstance(labels, Volume):
@@ -93,7 +95,11 @@ def unify_label_volume(
     lut = np.zeros(max(top, max(mapping, default=0)) + 1, dtype=np.uint8)
     for ts_id, unified in mapping.items():
         lut[ts_id] = unified
-    return lut[data]
+    out = lut[data]
+    if dropped is not None:
+        ids, voxels = np.unique(data[(out == 0) & (data != 0)], return_counts=True)
+        dropped.update({int(i): int(n) for i, n in zip(ids, voxels, strict=True)})
+    return out
 
 
 def slices_along(data: np.ndarray, axis: str | int = "axial") -> np.ndarray:

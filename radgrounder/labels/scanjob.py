@@ -13,7 +13,7 @@ from radgrounder.anatomy import totalseg_to_unified
 from radgrounder.errors import RadGrounderError
 from radgrounder.fileio import atomic_write_json, sha256_file, stable_int
 from radgrounder.grounding import GroundedText, codec
-from radgrounder.imaging import load_scan, read_label_map
+from radgrounder.imaging import Volume, list_series, load_scan, read_label_map
 from radgrounder.labels.dataset import SAMPLE_SCHEMA, SLICE_SCHEMA, spans_to_json, write_table
 from radgrounder.labels.regions import (
     extract_regions,
@@ -37,6 +37,7 @@ class ScanJob:
     config: dict[str, Any]
     fingerprint: str  # inputs + config; a marker with another fingerprint is stale
     languages: tuple[str, ...] = ("en", "de")
+    series_uid: str | None = None  # the series of a DICOM folder that holds several
 
 
 @dataclass
@@ -100,6 +101,49 @@ def _image_dtype(data: np.ndarray) -> np.dtype:
     return np.dtype("<f4")
 
 
+def _check_same_grid(labels: Volume, volume: Volume, label_path: str | Path) -> None:
+    if labels.shape[:3] != volume.shape[:3]:
+        raise RadGrounderError(
+            f"label map shape {labels.shape} does not match the scan's {volume.shape}",
+            path=label_path,
+        )
+    if not np.allclose(labels.affine, volume.affine, atol=1e-2):
+        raise RadGrounderError("label map and scan have different affines", path=label_path)
+
+
+def _load_matching_scan(job: ScanJob, labels: Volume) -> tuple[Volume, str]:
+    """The scan of ``job`` and how its series was chosen: the job's ``series_uid``, the only
+    series of the folder, or the one series whose grid equals the label map's."""
+    modality = job.config.get("modality")
+    path = Path(job.scan_path)
+    if job.series_uid is not None or not path.is_dir():
+        return load_scan(path, modality=modality, series_uid=job.series_uid), "option"
+    series = list_series(path)
+    if len(series) <= 1:
+        return load_scan(path, modality=modality), "only series"
+    # A label map is made from one series: the series on its grid is the one it labels.
+    want = sorted(labels.shape[:3])
+    matches = []
+    for s in series:
+        if sorted((int(s["n_files"]), int(s["rows"]), int(s["columns"]))) != want:
+            continue
+        volume = load_scan(path, modality=modality, series_uid=s["series_uid"] or "")
+        try:
+            _check_same_grid(labels, volume, job.label_path)
+        except RadGrounderError:
+            continue
+        matches.append(volume)
+    if len(matches) == 1:
+        return matches[0], "label map grid"
+    uids = ", ".join(str(s["series_uid"] or "<no SeriesInstanceUID>") for s in series)
+    why = "none is on the label map's grid" if not matches else "several are on its grid"
+    raise RadGrounderError(
+        f"folder holds {len(series)} series and {why}; pick one with "
+        f"--series-uid {job.scan_id}=UID (series: {uids})",
+        path=path,
+    )
+
+
 def build_scan(job: ScanJob) -> ScanResult:
     """Write ``slices/<split>/<id>.parquet`` and ``samples/<split>/<id>.parquet``, then the
     completion marker. Never raises for bad input: the error goes into the result."""
@@ -119,18 +163,24 @@ def _build(job: ScanJob) -> ScanResult:
         if done.get("fingerprint") == job.fingerprint:
             return ScanResult(job.scan_id, True, skipped=True, counts=done["counts"])
     cfg = job.config
-    volume = load_scan(job.scan_path, modality=cfg.get("modality"))
     labels = read_label_map(job.label_path)
-    if labels.shape[:3] != volume.shape[:3]:
-        raise RadGrounderError(
-            f"label map shape {labels.shape} does not match the scan's {volume.shape}",
-            path=job.label_path,
-        )
-    if not np.allclose(labels.affine, volume.affine, atol=1e-2):
-        raise RadGrounderError("label map and scan have different affines", path=job.label_path)
+    volume, selected_by = _load_matching_scan(job, labels)
+    _check_same_grid(labels, volume, job.label_path)
     label_names = labels.metadata.get("label_names")
     task = cfg.get("label_task") or ("total_mr" if volume.modality == "MR" else "total")
-    unified = unify_label_volume(labels, label_task=task)
+    dropped: dict[int, int] = {}
+    unified = unify_label_volume(labels, label_task=task, dropped=dropped)
+    notes = list(volume.metadata.get("warnings") or [])
+    if dropped:
+        names = label_names or {}
+        listed = ", ".join(
+            f"{i}" + (f" ({names[i]})" if i in names else "") + f": {n} voxels"
+            for i, n in sorted(dropped.items())[:8]
+        )
+        notes.append(
+            f"{len(dropped)} label id(s) of the label map are not in the {task} schema and were "
+            f"dropped: {listed}" + (" ..." if len(dropped) > 8 else "")
+        )
     candidates = sorted(set(totalseg_to_unified(task, label_names=label_names).values()))
     axis = cfg["slice_axis"]
     images = slices_along(volume.data, axis)
@@ -142,7 +192,16 @@ def _build(job: ScanJob) -> ScanResult:
     geometry = slice_geometry(volume.affine, volume.shape[:3], axis)
 
     slice_rows, sample_rows = [], []
-    counts: dict[str, Any] = {"slices": 0, "tasks": {}, "languages": {}, "classes": {}}
+    counts: dict[str, Any] = {
+        "slices": 0,
+        "tasks": {},
+        "languages": {},
+        "classes": {},
+        "dropped_label_ids": {str(i): n for i, n in sorted(dropped.items())},
+        "warnings": notes,
+    }
+    if volume.kind == "dicom-series":
+        counts.update(series_uid=volume.metadata.get("series_uid"), series_selected_by=selected_by)
     for regions in extract_regions(
         unified, axis=axis, instances=True, min_area=cfg.get("min_area", 0)
     ):

@@ -35,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from radgrounder.errors import RadGrounderError
 from radgrounder.fileio import atomic_write_json
 from radgrounder.imaging.dicom import dcmread, has_dicm_prefix, resolve_modality
+from radgrounder.imaging.dicom_series import read_dicom_series
 from radgrounder.imaging.nifti import is_nifti_path, read_nifti, sidecar_modality
 from radgrounder.imaging.volume import PathType, reason
 from radgrounder.labels.names import is_utf8, printable
@@ -195,15 +196,24 @@ def _segment_one(job: _Job) -> str | None:
         # Leftovers of a killed run; the .nii.gz ending lets the segmenter pick the format.
         for stale in job.label_path.parent.glob(f".{stem}{_PART_INFIX}*.nii.gz"):
             stale.unlink(missing_ok=True)
-        part = job.label_path.with_name(f".{stem}{_PART_INFIX}{uuid4().hex[:8]}.nii.gz")
+        token = uuid4().hex[:8]
+        part = job.label_path.with_name(f".{stem}{_PART_INFIX}{token}.nii.gz")
+        converted = job.label_path.with_name(f".{stem}{_PART_INFIX}{token}.input.nii.gz")
         try:
-            job.segmenter(scan.path, part, task=task, fast=job.fast, device=job.device)
+            given = scan.path
+            if scan.kind == "dicom":
+                # The series as every other command reads it (same geometry rules and
+                # refusals), so the label map lies on the grid `labels build` reads.
+                _series_as_nifti(scan.path, converted)
+                given = converted
+            job.segmenter(given, part, task=task, fast=job.fast, device=job.device)
             _check_label_map(part, scan)
             with open(part, "rb") as fh:  # on disk before the rename makes it look complete
                 os.fsync(fh.fileno())
             os.replace(part, job.label_path)
         finally:
             part.unlink(missing_ok=True)
+            converted.unlink(missing_ok=True)
         record = {
             "scan": str(scan.path),
             "rel": scan.rel,
@@ -224,6 +234,17 @@ def _segment_one(job: _Job) -> str | None:
         return None
     except Exception as exc:  # a per-scan failure must never stop the batch
         return _describe(exc)
+
+
+def _series_as_nifti(folder: Path, out: Path) -> None:
+    """The DICOM series in ``folder`` as a NIfTI on radgrounder's canonical grid."""
+    import numpy as np
+
+    volume = read_dicom_series(folder)
+    data = volume.data
+    if np.all(np.mod(data, 1) == 0) and data.min() >= -32768 and data.max() <= 32767:
+        data = data.astype(np.int16)  # HU: integers, half the bytes
+    nib.save(nib.Nifti1Image(data, volume.affine), str(out))
 
 
 def _check_label_map(path: Path, scan: ScanInput) -> None:

@@ -125,6 +125,9 @@ def test_members_without_preamble_are_read_and_other_files_are_listed(tmp_path: 
     assert volume.n_slices == 20
     assert volume.metadata["skipped_files"] == ["README.txt"]
     assert volume.metadata["n_skipped_files"] == 1
+    assert volume.metadata["warnings"] == [
+        "1 file(s) in the folder are no DICOM image and were skipped: README.txt"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -241,3 +244,61 @@ def test_cli_lists_several_series_and_reads_the_chosen_one(tmp_path: Path, capsy
     assert code == 0, err
     lines = (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 4
+
+
+def _unsigned_ct(tmp_path: Path) -> Path:
+    """The bundled small CT as a converter without an intercept writes it: HU + 1024, uint16."""
+    img = nib.load(REPO / "data" / "totalseg_example" / "example_ct_sm.nii.gz")
+    hu = np.asanyarray(img.dataobj).astype(np.int32)
+    out = nib.Nifti1Image((np.clip(hu, -1024, None) + 1024).astype(np.uint16), img.affine)
+    out.header.set_slope_inter(1.0, 0.0)
+    nib.save(out, tmp_path / "ct_u16.nii.gz")
+    return tmp_path / "ct_u16.nii.gz"
+
+
+def test_unsigned_ct_nifti_is_not_silently_mr(tmp_path: Path, capsys) -> None:
+    from radgrounder.cli import main
+
+    path = _unsigned_ct(tmp_path)
+    volume = load_scan(path)
+    assert volume.modality == "MR" and volume.metadata["modality_source"] == "inferred"
+    (note,) = volume.metadata["warnings"]
+    assert "pass --modality CT" in note and "HU + 1024" in note
+    # Stated CT: still warned that the values are no Hounsfield units.
+    (note,) = load_scan(path, modality="CT").metadata["warnings"]
+    assert "not Hounsfield units" in note and "scl_inter" in note
+    # Stated MR, and a signed MR (the bundled one) carry no warning.
+    assert load_scan(path, modality="MR").metadata["warnings"] == []
+    mr = load_scan(REPO / "data" / "totalseg_example" / "example_mr_sm.nii.gz")
+    assert mr.modality == "MR" and mr.metadata["warnings"] == []
+    # With the intercept in the header the same voxels are HU and inferred as CT.
+    img = nib.load(path)
+    img.header.set_slope_inter(1.0, -1024.0)
+    nib.save(img, tmp_path / "ct_u16_inter.nii.gz")
+    fixed = load_scan(tmp_path / "ct_u16_inter.nii.gz")
+    assert fixed.modality == "CT" and fixed.metadata["warnings"] == []
+
+    main(["inspect", str(path)])
+    cap = capsys.readouterr()
+    assert "MR (inferred)" in cap.out
+    assert cap.err.count("\n") == 1
+    assert cap.err.startswith("radgrounder: warning: modality inferred")
+
+
+def test_predict_takes_the_modality_and_warns_on_stderr(tmp_path: Path, capsys) -> None:
+    from radgrounder.cli import main
+    from radgrounder.modeling import init_model
+
+    path = _unsigned_ct(tmp_path)
+    model = init_model("tiny", "detection", tmp_path / "m", seed=0)
+    main(["predict", str(path), "--model", str(model), "--out", str(tmp_path / "o"),
+          "--modality", "CT", "--max-new-tokens", "2"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "radgrounder: warning: CT stored as unsigned integers" in err
+    main(["predict", str(path), "--model", str(model), "--out", str(tmp_path / "inferred"),
+          "--max-new-tokens", "2"])  # fmt: skip
+    assert "radgrounder: warning: modality inferred as MR" in capsys.readouterr().err
+    # The overlays show CT through a CT window, the inferred MR through MR normalisation.
+    (ct,) = (tmp_path / "o" / "overlays").iterdir()
+    (mr,) = (tmp_path / "inferred" / "overlays").iterdir()
+    assert ct.read_bytes() != mr.read_bytes()

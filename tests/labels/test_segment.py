@@ -21,6 +21,7 @@ import pydicom
 import pytest
 
 from radgrounder.errors import RadGrounderError
+from radgrounder.imaging import load_scan
 from radgrounder.labels.segment import (
     ScanInput,
     find_scans,
@@ -75,9 +76,19 @@ def calls(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
+def _called_rel(given: str, root: Path) -> str:
+    """The scan a segmenter call was for: an input under ``root``, or the NIfTI written from a
+    DICOM series, ``<root>/../out/<rel dir>/.<name>.part-<id>.input.nii.gz``."""
+    path = Path(given)
+    if path.is_relative_to(root):
+        return path.relative_to(root).as_posix().removesuffix(".nii.gz")
+    name = re.fullmatch(r"\.(.+)\.part-[0-9a-f]+\.input\.nii\.gz", path.name)
+    assert name is not None, given
+    return (path.parent.relative_to(root.parent / "out") / name[1]).as_posix()
+
+
 def called_rels(log: Path, root: Path) -> list[str]:
-    rels = [Path(c["input"]).relative_to(root).as_posix() for c in calls(log)]
-    return sorted(r.removesuffix(".nii.gz") for r in rels)
+    return sorted(_called_rel(c["input"], root) for c in calls(log))
 
 
 @pytest.fixture
@@ -141,9 +152,22 @@ def test_run_picks_task_by_modality_and_mirrors_input(tree: Path, tmp_path: Path
     assert "cannot determine the modality" in report.failed["d/broken"]
     assert "broken.nii.gz" in report.failed["d/broken"]
     tasks = {
-        Path(c["input"]).relative_to(tree).as_posix(): c["task"] for c in calls(seg.keywords["log"])
+        (
+            Path(c["input"]).relative_to(tree).as_posix()
+            if Path(c["input"]).is_relative_to(tree)
+            else Path(c["input"]).relative_to(out).as_posix()
+        ): c["task"]
+        for c in calls(seg.keywords["log"])
     }
-    assert tasks == {"a/ct.nii.gz": "total", "b/mr.nii.gz": "total_mr", "c/series": "total"}
+    # The DICOM series reaches the segmenter as a NIfTI radgrounder wrote from it (removed
+    # afterwards), so its label map lies on the grid every other command reads the series on.
+    (converted,) = [k for k in tasks if k.startswith("c/.series.part-")]
+    assert converted.endswith(".input.nii.gz") and not (out / converted).exists()
+    assert tasks == {"a/ct.nii.gz": "total", "b/mr.nii.gz": "total_mr", converted: "total"}
+    series_labels = nib.load(out / "c" / "series.nii.gz")
+    series = load_scan(tree / "c" / "series")
+    assert series_labels.shape == series.shape
+    assert np.allclose(series_labels.affine, series.affine)
 
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == [
@@ -336,3 +360,15 @@ def test_bad_arguments(tree: Path, tmp_path: Path, seg, change: dict, match: str
     with pytest.raises(RadGrounderError, match=re.escape(match)):
         run_segmentation(**kw)
     assert not (tmp_path / "out").exists()
+
+
+def test_dicom_series_follow_the_readers_geometry_rules(tmp_path: Path, seg) -> None:
+    from tests.imaging.test_archive_series import derive
+
+    root = tmp_path / "in"
+    derive(root / "gap", lambda k, ds: None if k == 7 else ds)
+    derive(root / "ok")
+    report = run(root, tmp_path / "out", seg)
+    assert report.done == ["ok"]
+    assert "irregular slice spacing" in report.failed["gap"]
+    assert called_rels(seg.keywords["log"], root) == ["ok"]  # never given to the segmenter
