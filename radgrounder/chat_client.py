@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 
 from radgrounder.errors import RadGrounderError
@@ -28,11 +29,16 @@ from radgrounder.errors import RadGrounderError
 
 class RetryableError(Exception):
     """An attempt worth repeating; ``wait`` (from a Retry-After header, as servers send with 429
-    and 503) replaces the backoff delay."""
+    and 503) replaces the backoff delay. ``kind`` says what went wrong, so a caller can retry
+    with something changed instead of resending the same request: ``"transport"`` (connection,
+    HTTP 5xx/429), ``"timeout"`` (no reply in time), ``"reply"`` (the reply broke the format:
+    at temperature 0 the same request gives the same reply) or ``"length"`` (the reply was cut
+    off at ``max_tokens``)."""
 
-    def __init__(self, reason: str, wait: float | None = None) -> None:
+    def __init__(self, reason: str, wait: float | None = None, kind: str = "transport") -> None:
         super().__init__(reason)
         self.wait = wait
+        self.kind = kind
 
 
 class FatalError(Exception):
@@ -44,12 +50,51 @@ class FatalError(Exception):
         self.status = status
 
 
+def _timed_connection(base: type[http.client.HTTPConnection], connect_timeout: float):
+    """An ``http.client`` connection class that connects (TCP, and TLS for https) within
+    ``connect_timeout`` and then waits for the reply with the request's own timeout."""
+
+    class Connection(base):  # type: ignore[misc, valid-type]
+        def connect(self) -> None:
+            read_timeout = self.timeout
+            self.timeout = connect_timeout
+            try:
+                super().connect()
+            finally:
+                self.timeout = read_timeout
+            self.sock.settimeout(read_timeout)
+
+    return Connection
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, connect_timeout: float) -> None:
+        super().__init__()
+        self._conn = _timed_connection(http.client.HTTPConnection, connect_timeout)
+
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(self._conn, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, connect_timeout: float) -> None:
+        super().__init__()
+        self._conn = _timed_connection(http.client.HTTPSConnection, connect_timeout)
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(self._conn, req, context=self._context)
+
+
 class ChatClient:
     """Posts chat-completions requests to ``{endpoint}/chat/completions``.
 
     ``endpoint`` is the server's base URL, e.g. ``http://127.0.0.1:8000/v1``; a trailing
     ``/chat/completions`` is accepted too. ``field`` names the argument in error messages.
-    Servers on this machine are reached directly, never through environment proxies.
+    ``connect_timeout`` bounds reaching the server (a dead or wrong address fails fast);
+    ``timeout`` bounds waiting for its reply, which includes the time the request waits in
+    the server's queue when all its slots are busy (keep the concurrency at or below the
+    server's parallel slots). Servers on this machine are reached directly, never through
+    environment proxies.
     """
 
     def __init__(
@@ -58,18 +103,23 @@ class ChatClient:
         *,
         api_key: str | None = None,
         timeout: float = 60.0,
+        connect_timeout: float = 10.0,
         field: str = "endpoint",
     ) -> None:
-        self.url = check_endpoint(endpoint, field) + "/chat/completions"
+        self.base = check_endpoint(endpoint, field)
+        self.url = self.base + "/chat/completions"
         check_number("timeout", timeout, 0, exclusive=True)
+        check_number("connect_timeout", connect_timeout, 0, exclusive=True)
         if api_key is not None and not isinstance(api_key, str):
             raise RadGrounderError(f"api_key: expected a string, got {type(api_key).__name__}")
-        self.timeout = timeout
+        self.timeout, self.connect_timeout = timeout, connect_timeout
         self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         host = urllib.parse.urlsplit(self.url).hostname or ""
-        handlers = [urllib.request.ProxyHandler({})] if is_loopback(host) else []
+        handlers: list[Any] = [_HTTPHandler(connect_timeout), _HTTPSHandler(connect_timeout)]
+        if is_loopback(host):
+            handlers.append(urllib.request.ProxyHandler({}))
         self._opener = urllib.request.build_opener(*handlers)
 
     def post(self, body: bytes) -> Any:
@@ -78,17 +128,35 @@ class ChatClient:
         Raises :class:`RetryableError` or :class:`FatalError` with a one-line reason.
         """
         request = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
-        timed_out = f"request timed out after {self.timeout:g} s"
+        return self._send(request)
+
+    def get(self, path: str) -> Any:
+        """GET ``path`` relative to the server's root (``/props``) or base URL (``models``)."""
+        if path.startswith("/"):
+            parts = urllib.parse.urlsplit(self.base)
+            url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+        else:
+            url = f"{self.base}/{path}"
+        headers = {k: v for k, v in self._headers.items() if k != "Content-Type"}
+        return self._send(urllib.request.Request(url, headers=headers, method="GET"))
+
+    def _send(self, request: urllib.request.Request) -> Any:
+        waited = (
+            f"no reply within {self.timeout:g} s (a busy server queues requests: lower the "
+            "concurrency to its parallel slots, or raise the timeout)"
+        )
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             raise http_error(exc) from None
-        except TimeoutError:
-            raise RetryableError(timed_out) from None
+        except TimeoutError:  # connected and sent; the reply did not come in time
+            raise RetryableError(waited, kind="timeout") from None
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, TimeoutError):
-                raise RetryableError(timed_out) from None
+                raise RetryableError(
+                    f"could not connect within {self.connect_timeout:g} s"
+                ) from None
             raise RetryableError(f"connection error: {exc.reason}") from None
         except (OSError, http.client.HTTPException) as exc:
             raise RetryableError(f"connection error: {type(exc).__name__}: {exc}") from None
@@ -96,6 +164,18 @@ class ChatClient:
             return json.loads(raw)
         except ValueError:
             raise RetryableError(f"response body is not JSON: {excerpt(raw)!r}") from None
+
+    def server_slots(self) -> int | None:
+        """How many requests the server works on at once, where it says so (llama.cpp's
+        ``/props`` ``total_slots``); None when it does not or cannot be asked."""
+        try:
+            props = self.get("/props")
+        except (RetryableError, FatalError):
+            return None
+        slots = props.get("total_slots") if isinstance(props, dict) else None
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            return None
+        return slots
 
 
 def http_error(exc: urllib.error.HTTPError) -> RetryableError | FatalError:
@@ -160,6 +240,48 @@ def reply_content(reply: Any, *, allow_empty: bool = False) -> tuple[str, Any]:
             raise RetryableError("reply has no message content")
         content = content if isinstance(content, str) else ""
     return content, first.get("finish_reason")
+
+
+def first_json_object(content: str) -> Any:
+    """The first JSON object in a reply: after an optional Markdown fence or leading prose,
+    and ignoring anything after it (servers without constrained decoding often add an
+    explanation). Raises ValueError when the reply holds no complete JSON object."""
+    text = strip_fence(content)
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start >= 0:
+        try:
+            value, _ = decoder.raw_decode(text, start)
+        except ValueError:
+            start = text.find("{", start + 1)
+            continue
+        if isinstance(value, dict):
+            return value
+        start = text.find("{", start + 1)
+    raise ValueError(f"no JSON object in the reply: {excerpt(text)!r}")
+
+
+def read_api_key(path: Path) -> str:
+    """The API key in the file ``path`` (one line). Refused when others may read the file."""
+    import os
+    import stat
+
+    try:
+        info = os.stat(path)
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise RadGrounderError(f"cannot read the API key file: {exc.strerror}", path=path) from None
+    except UnicodeDecodeError:
+        raise RadGrounderError("the API key file is not UTF-8 text", path=path) from None
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise RadGrounderError(
+            f"the API key file is readable by others (mode {stat.S_IMODE(info.st_mode):o}); "
+            "chmod 600 it",
+            path=path,
+        )
+    if not text or len(text.splitlines()) != 1:
+        raise RadGrounderError("the API key file must hold the key on one line", path=path)
+    return text
 
 
 def strip_fence(content: str) -> str:

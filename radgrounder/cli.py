@@ -315,6 +315,9 @@ def demo(
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Generation length limit.")] = 160,
     port: Annotated[int, typer.Option(help="Port for --serve.")] = 8000,
+    seed: Annotated[
+        int | None, typer.Option(help="Training seed (default: the config's 0).")
+    ] = None,
 ) -> None:
     """The whole loop on the bundled scans: build data, train on CPU, evaluate next to a
     baseline, predict on the DICOM series, write index.html."""
@@ -322,7 +325,7 @@ def demo(
 
     _check_output(out, "--out")
     result = run_pipeline(
-        out, max_steps=max_steps, eval_limit=eval_limit, max_new_tokens=max_new_tokens
+        out, max_steps=max_steps, eval_limit=eval_limit, max_new_tokens=max_new_tokens, seed=seed
     )
     if serve:
         from radgrounder.serve.app import serve as run_server
@@ -404,6 +407,48 @@ def labels_regions(
     typer.echo(f"{len(lines)} slices ({n} with structures) -> {out}")
 
 
+def _api_key(path: Path | None, env: str) -> str | None:
+    """The API key from ``--...api-key-file`` or the environment variable ``env``."""
+    from radgrounder.chat_client import read_api_key
+
+    if path is not None:
+        if os.environ.get(env):
+            raise RadGrounderError(f"give the API key once: the key file or {env}")
+        return read_api_key(path)
+    return os.environ.get(env) or None
+
+
+def _llm_options(
+    api_key_file: Path | None,
+    response_format: str,
+    concurrency: int | None,
+    timeout: float,
+    connect_timeout: float,
+    *,
+    env: str = "RADGROUNDER_LLM_API_KEY",
+    flag: str = "",
+) -> dict[str, Any]:
+    """The chat-server options shared by the keyword and judge commands, checked."""
+    from radgrounder.labels.llm import RESPONSE_FORMATS
+
+    _choice(f"--{flag}response-format", response_format, RESPONSE_FORMATS)
+    if concurrency is not None:
+        _at_least(f"--{flag}concurrency", concurrency, 1)
+    for name, value in (
+        (f"--{flag}timeout", timeout),
+        (f"--{flag}connect-timeout", connect_timeout),
+    ):
+        if not value > 0:
+            raise typer.BadParameter(f"must be > 0, got {value}", param_hint=f"'{name}'")
+    return {
+        "api_key": _api_key(api_key_file, env),
+        "response_format": response_format,
+        "concurrency": concurrency,
+        "timeout": timeout,
+        "connect_timeout": connect_timeout,
+    }
+
+
 @labels_app.command(
     "keywords",
     epilog=_example(
@@ -418,10 +463,22 @@ def labels_keywords(
         str | None, typer.Option(help="OpenAI-compatible base URL, e.g. http://host:8000/v1.")
     ] = None,
     model: Annotated[str | None, typer.Option(help="Model name on that server.")] = None,
-    concurrency: Annotated[int, typer.Option(help="LLM requests in flight.")] = 8,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(help="File with the server's API key (mode 600). Or RADGROUNDER_LLM_API_KEY."),
+    ] = None,
+    response_format: Annotated[
+        str, typer.Option(help="json_schema (constrained), json_object or none (plain replies).")
+    ] = "json_schema",
+    concurrency: Annotated[
+        int | None, typer.Option(help="LLM requests in flight (default: the server's slots, or 4).")
+    ] = None,
     max_retries: Annotated[int, typer.Option(help="LLM retries per sentence.")] = 5,
     backoff: Annotated[float, typer.Option(help="First LLM retry delay, seconds.")] = 1.0,
-    timeout: Annotated[float, typer.Option(help="LLM request timeout, seconds.")] = 60.0,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for a reply (includes server queueing).")
+    ] = 120.0,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds to reach the server.")] = 10.0,
     text_mode: Annotated[
         str, typer.Option(help="reference (clean_punctuation, as trained) or raw.")
     ] = "reference",
@@ -433,17 +490,12 @@ def labels_keywords(
 
     _check_input(reports)
     _check_output(out, "--out", folder=False)
+    llm: dict[str, Any] = {}
+    if backend == "llm":
+        llm = _llm_options(api_key_file, response_format, concurrency, timeout, connect_timeout)
+        llm.update(max_retries=max_retries, backoff=backoff)
     items = sentence_items(read_reports(reports), text_mode=text_mode)
-    llm = (
-        {
-            "concurrency": concurrency,
-            "max_retries": max_retries,
-            "backoff": backoff,
-            "timeout": timeout,
-        }
-        if backend == "llm"
-        else {}
-    )
+    llm = llm
     results = extract_keywords(
         items,
         backend=backend,
@@ -493,6 +545,21 @@ def labels_build(
     backend: Annotated[str, typer.Option(help="Keyword backend: lexicon or llm.")] = "lexicon",
     endpoint: Annotated[str | None, typer.Option(help="LLM base URL for --backend llm.")] = None,
     model: Annotated[str | None, typer.Option(help="LLM model for --backend llm.")] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File with the LLM server's API key (mode 600). Or RADGROUNDER_LLM_API_KEY."
+        ),
+    ] = None,
+    response_format: Annotated[
+        str, typer.Option(help="LLM replies: json_schema, json_object or none (plain).")
+    ] = "json_schema",
+    llm_concurrency: Annotated[
+        int | None, typer.Option(help="LLM requests in flight (default: the server's slots, or 4).")
+    ] = None,
+    llm_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for an LLM reply (includes queueing).")
+    ] = 120.0,
     workers: Annotated[int, typer.Option(help="Scans processed in parallel.")] = 1,
     executor: Annotated[str, typer.Option(help="local (process pool) or ray.")] = "local",
     export: Annotated[str | None, typer.Option(help="Also write another layout: refrad2d.")] = None,
@@ -530,6 +597,11 @@ def labels_build(
     _check_input(labels, "--labels", folder=True)
     _check_input(reports, "--reports")
     _check_output(out, "--out")
+    llm: dict[str, Any] = {}
+    if backend == "llm":
+        llm = _llm_options(api_key_file, response_format, llm_concurrency, llm_timeout, 10.0,
+                           flag="llm-")  # fmt: skip
+        llm.update(endpoint=endpoint, model=model)
     opts = BuildOptions(
         modality=modality,
         label_task=label_task,
@@ -543,7 +615,7 @@ def labels_build(
         keyword_backend=backend,
         workers=workers,
         executor=executor,
-        llm={"endpoint": endpoint, "model": model} if backend == "llm" else {},
+        llm=llm,
         series=series,
     )
     report = build_dataset(scans, labels, reports, out, opts)
@@ -556,12 +628,24 @@ def labels_build(
     )
     for scan, error in report.failed.items():
         typer.echo(f"failed: {scan}: {error}", err=True)
+    if report.failed_sentences:
+        n_sentences = report.manifest.get("n_sentences", 0)
+        typer.echo(
+            f"keywords failed for {len(report.failed_sentences)} of {n_sentences} sentences "
+            f"(their mentions are missing from the dataset; all in "
+            f"{_printable(str(out / 'build_report.json'))}):",
+            err=True,
+        )
+        for sid, error in list(report.failed_sentences.items())[:10]:
+            typer.echo(f"  {sid}: {_one_line(_printable(error))}", err=True)
+        if len(report.failed_sentences) > 10:
+            typer.echo(f"  ... and {len(report.failed_sentences) - 10} more", err=True)
     if export == "refrad2d":
         from radgrounder.labels.export_refrad2d import export_refrad2d
 
         written = export_refrad2d(out, out / "refrad2d")
         typer.echo(f"refrad2d export: {written} -> {out / 'refrad2d'}")
-    if report.failed:
+    if report.failed or report.failed_sentences:
         raise typer.Exit(3)
 
 
@@ -690,7 +774,22 @@ def eval_cmd(
         str | None, typer.Option(help="OpenAI-compatible server for the LLM judge.")
     ] = None,
     judge_model: Annotated[str | None, typer.Option(help="Judge model name.")] = None,
-    judge_concurrency: Annotated[int, typer.Option(help="Parallel judge requests.")] = 8,
+    judge_api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File with the judge server's API key (mode 600). Or RADGROUNDER_JUDGE_API_KEY."
+        ),
+    ] = None,
+    judge_response_format: Annotated[
+        str, typer.Option(help="Judge replies: json_schema, json_object or none (plain).")
+    ] = "json_schema",
+    judge_concurrency: Annotated[
+        int | None,
+        typer.Option(help="Judge requests in flight (default: the server's slots, or 4)."),
+    ] = None,
+    judge_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for a judge reply (includes queueing).")
+    ] = 120.0,
     mask_threshold: Annotated[
         str | None, typer.Option(help="probability or logit (default: the checkpoint's).")
     ] = None,
@@ -732,7 +831,6 @@ def eval_cmd(
         _choice("--language", lang, ("en", "de"))
     _at_least("--batch-size", batch_size, 1)
     _at_least("--max-new-tokens", max_new_tokens, 1)
-    _at_least("--judge-concurrency", judge_concurrency, 1)
     _check_dtype(dtype)
     if (judge_url is None) != (judge_model is None):
         raise typer.BadParameter("--judge-url and --judge-model go together")
@@ -741,12 +839,11 @@ def eval_cmd(
     if judge_url:
         from radgrounder.evaluation.judge import LLMJudge
 
-        judge = LLMJudge(
-            judge_url,
-            judge_model,
-            api_key=os.environ.get("RADGROUNDER_JUDGE_API_KEY"),
-            concurrency=judge_concurrency,
-        )
+        options = _llm_options(judge_api_key_file, judge_response_format, judge_concurrency,
+                               judge_timeout, 10.0, env="RADGROUNDER_JUDGE_API_KEY",
+                               flag="judge-")  # fmt: skip
+        options["json_mode"] = options.pop("response_format")
+        judge = LLMJudge(judge_url, judge_model, **options)
 
     def open_for(variant: str, norm: str) -> Any:
         return open_dataset(
@@ -795,10 +892,25 @@ def eval_cmd(
     for name, v in table.items():
         typer.echo(f"  {name:<30} {v['mean']:.4f}  [{v['low']:.4f}, {v['high']:.4f}]  n={v['n']}")
     typer.echo(f"report -> {run.out / 'report.html'}")
+    judged = run.summary.get("judge") or {}
+    judge_failed = judged.get("unparseable", 0) + judged.get("error", 0)
+    if judged:
+        typer.echo(
+            f"judge {judged['model']}: ok {judged['ok']}, unparseable {judged['unparseable']}, "
+            f"error {judged['error']} of {judged['n']} (concurrency {judged.get('concurrency')}, "
+            f"{judged.get('concurrency_source')})"
+        )
+    if judge_failed:
+        typer.echo(
+            f"{judge_failed} judge item(s) failed (not scored; reasons in "
+            f"{run.out / 'judge.jsonl'}); rerun the same command to retry them",
+            err=True,
+        )
     if run.failures:
         typer.echo(f"{len(run.failures)} sample(s) failed:", err=True)
         for f in run.failures:
             typer.echo(f"  {f['id']}: {f['error']}", err=True)
+    if run.failures or judge_failed:
         raise typer.Exit(3)
 
 

@@ -46,7 +46,9 @@ def _evaluate_afresh(model: Any, ds: Any, run_dir: Path, opts: Any) -> Any:
         return evaluate(model, ds, run_dir, opts)
 
 
-def _train_config(data: Path, out: Path, config: Path, max_steps: int | None):
+def _train_config(
+    data: Path, out: Path, config: Path, max_steps: int | None, seed: int | None = None
+):
     from radgrounder.training import load_config
 
     if not config.is_file():
@@ -71,6 +73,8 @@ def _train_config(data: Path, out: Path, config: Path, max_steps: int | None):
         cfg.max_steps = max_steps
         cfg.eval_every = min(cfg.eval_every, max_steps)
         cfg.save_every = min(cfg.save_every, max_steps)
+    if seed is not None:
+        cfg.seed = seed
     return cfg
 
 
@@ -81,10 +85,13 @@ def run_pipeline(
     eval_limit: int | None = None,
     max_new_tokens: int = 160,
     config: str | Path = CONFIG,
+    seed: int | None = None,
     console: Any = None,
 ) -> DemoResult:
     """Run every stage into ``out_dir``; stages whose outputs exist are resumed, not redone
-    (the dataset build, the training checkpoints and the evaluation records all resume)."""
+    (the dataset build, the training checkpoints and the evaluation records all resume).
+    ``seed`` replaces the training config's seed (initialisation, sampling, augmentation);
+    the held-out patient stays the same."""
     from rich.console import Console
 
     from radgrounder.demo import example_dir, run_demo
@@ -124,7 +131,7 @@ def run_pipeline(
 
     console.rule("3/6 training a small detection model on CPU")
     t = time.perf_counter()
-    cfg = _train_config(data, out, Path(config), max_steps)
+    cfg = _train_config(data, out, Path(config), max_steps, seed)
     batch = cfg.global_batch_size or cfg.batch_size
     console.print(f"{cfg.max_steps} steps of batch {batch}; log in {out / 'train/logs'}")
     trained = train(cfg, progress=True)

@@ -70,6 +70,16 @@ class ChatHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def do_GET(self) -> None:
+        """``/props`` as llama.cpp's server answers it (``total_slots``) when ``fake.slots``
+        is set; 404 otherwise, as vLLM and Ollama answer."""
+        self.fake.gets.append(self.path)
+        self._ended = True  # not counted in flight
+        if self.path == "/props" and self.fake.slots is not None:
+            self._send(200, {"total_slots": self.fake.slots, "model_path": "fake.gguf"})
+        else:
+            self._send(404, {"error": {"message": f"no route {self.path}"}})
+
     def do_POST(self) -> None:
         raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         try:
@@ -163,6 +173,8 @@ class FakeChatServer:
         self.latency = 0.0  # every request takes this long, so concurrent ones overlap
         self.delays: dict[str, float] = {}  # extra latency per key
         self.requests: list[Any] = []
+        self.gets: list[str] = []  # paths of GET requests
+        self.slots: int | None = None  # what GET /props reports, None: no such route
         self.max_in_flight = 0
         self._in_flight = 0
         self._scripts: dict[str | None, list[list[Any]]] = {}

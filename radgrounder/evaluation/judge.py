@@ -23,6 +23,7 @@ from radgrounder.chat_client import (
     backoff_delay,
     check_number,
     excerpt,
+    first_json_object,
     progress_bar,
     reply_content,
     strip_fence,
@@ -30,6 +31,7 @@ from radgrounder.chat_client import (
 from radgrounder.errors import RadGrounderError
 
 KINDS = ("vqa", "report")
+DEFAULT_CONCURRENCY = 4
 JSON_MODES = ("json_schema", "json_object", "none")
 _MISCONFIGURED = {
     401: "check the API key",
@@ -184,10 +186,13 @@ class LLMJudge:
     ``url`` is the server's base URL, e.g. ``http://127.0.0.1:8000/v1`` (a trailing
     ``/chat/completions`` is accepted). Requests use temperature 0 and ``seed``; ``json_mode``
     asks the server for a ``"json_schema"`` (strict), a ``"json_object"`` or, with ``"none"``,
-    no constrained reply. Timeouts, dropped connections, HTTP 5xx/408/429 and unparseable replies
-    are retried ``max_retries`` times with exponential backoff (Retry-After honoured, at most
-    ``max_backoff`` seconds). HTTP 401/403/404 raise :class:`RadGrounderError`, because every
-    other item would fail the same way.
+    no constrained reply (the first JSON object in the reply is used, text around it ignored).
+    Timeouts, dropped connections and HTTP 5xx/408/429 are retried ``max_retries`` times with
+    exponential backoff (Retry-After honoured, at most ``max_backoff`` seconds). An unparseable
+    reply is what the same request gives again at temperature 0, so it is retried at most
+    ``max_reply_retries`` times, each at a higher temperature with another seed. HTTP
+    401/403/404 raise :class:`RadGrounderError`, because every other item would fail the same
+    way. ``concurrency`` None uses the slots the server reports (llama.cpp) or 4.
     """
 
     def __init__(
@@ -196,21 +201,27 @@ class LLMJudge:
         model: str,
         *,
         api_key: str | None = None,
-        concurrency: int = 8,
+        concurrency: int | None = None,
         timeout: float = 120.0,
+        connect_timeout: float = 10.0,
         max_retries: int = 4,
+        max_reply_retries: int = 2,
         backoff: float = 1.0,
         max_backoff: float = 30.0,
         seed: int = 42,
         max_tokens: int = 256,
         json_mode: str = "json_schema",
     ) -> None:
-        self._client = ChatClient(url, api_key=api_key, timeout=timeout, field="url")
+        self._client = ChatClient(
+            url, api_key=api_key, timeout=timeout, connect_timeout=connect_timeout, field="url"
+        )
         self.url = self._client.url
         if not isinstance(model, str) or not model.strip():
             raise RadGrounderError(f"model: expected a non-empty name, got {model!r}")
-        check_number("concurrency", concurrency, 1, integer=True)
+        if concurrency is not None:
+            check_number("concurrency", concurrency, 1, integer=True)
         check_number("max_retries", max_retries, 0, integer=True)
+        check_number("max_reply_retries", max_reply_retries, 0, integer=True)
         check_number("backoff", backoff, 0)
         check_number("max_backoff", max_backoff, 0)
         check_number("seed", seed, -(2**63), integer=True)
@@ -220,8 +231,18 @@ class LLMJudge:
                 f"json_mode: expected one of {', '.join(JSON_MODES)}, got {json_mode!r}"
             )
         self.model, self.concurrency, self.timeout = model, concurrency, timeout
+        self.concurrency_source = "argument" if concurrency is not None else None
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
+        self.max_reply_retries = max_reply_retries
         self.seed, self.max_tokens, self.json_mode = seed, max_tokens, json_mode
+
+    def resolve_concurrency(self) -> int:
+        """The requests in flight: as given, else the server's slots, else 4."""
+        if self.concurrency is None:
+            slots = self._client.server_slots()
+            self.concurrency = slots or DEFAULT_CONCURRENCY
+            self.concurrency_source = "server" if slots else "default"
+        return self.concurrency
 
     def score(self, items: Sequence[JudgeItem], *, progress: bool = True) -> list[JudgeResult]:
         """One result per item, in the order of ``items``, ``concurrency`` requests at a time.
@@ -237,7 +258,8 @@ class LLMJudge:
                 )
         results: list[JudgeResult | None] = [None] * len(items)
         stop = threading.Event()
-        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge")
+        workers = self.resolve_concurrency() if items else 1
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge")
         try:
             with progress_bar(progress, len(items), label="judge") as advance:
                 futures = {pool.submit(self._judge, item, stop): i for i, item in enumerate(items)}
@@ -277,12 +299,13 @@ class LLMJudge:
         )
         return messages
 
-    def _payload(self, item: JudgeItem) -> dict[str, Any]:
+    def _payload(self, item: JudgeItem, retry: int = 0) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "model": self.model,
             "messages": self.messages(item),
-            "temperature": 0,
-            "seed": self.seed,
+            # A retry after an unparseable reply samples again: temperature 0 would repeat it.
+            "temperature": round(0.4 * retry, 2),
+            "seed": self.seed + retry,
             "max_tokens": self.max_tokens,
             "stream": False,
         }
@@ -294,11 +317,13 @@ class LLMJudge:
         return payload
 
     def _judge(self, item: JudgeItem, stop: threading.Event) -> JudgeResult:
-        body = json.dumps(self._payload(item)).encode("utf-8")
         status, reason, raw = "error", "", ""
-        for attempt in range(self.max_retries + 1):
+        transport = replies = attempts = 0
+        while True:
             if stop.is_set():  # the run was stopped while this item waited for a worker
-                return JudgeResult(item.id, None, "error", "cancelled", "", attempt)
+                return JudgeResult(item.id, None, "error", "cancelled", "", attempts)
+            body = json.dumps(self._payload(item, replies)).encode("utf-8")
+            attempts += 1
             wait = None
             try:
                 content, finish = reply_content(self._client.post(body), allow_empty=True)
@@ -308,39 +333,47 @@ class LLMJudge:
                     raise RadGrounderError(
                         f"judge server {self.url} answered {exc}; {hint}"
                     ) from None
-                return JudgeResult(item.id, None, "error", str(exc), "", attempt + 1)
+                return JudgeResult(item.id, None, "error", str(exc), "", attempts)
             except RetryableError as exc:
                 status, reason, raw, wait = "error", str(exc), "", exc.wait
+                if transport >= self.max_retries:
+                    return JudgeResult(item.id, None, status, _gave_up(attempts, reason), raw,
+                                       attempts)  # fmt: skip
+                transport += 1
+                delay = backoff_delay(transport - 1, wait, self.backoff, self.max_backoff)
             else:
                 try:
                     score, why = parse_judgement(content)
                 except ValueError as exc:
                     cut = " (cut off: finish_reason=length)" if finish == "length" else ""
                     status, reason, raw = "unparseable", f"{exc}{cut}", content
+                    if replies >= self.max_reply_retries:
+                        return JudgeResult(item.id, None, status, _gave_up(attempts, reason),
+                                           raw, attempts)  # fmt: skip
+                    replies += 1
+                    delay = 0.0
                 else:
-                    return JudgeResult(item.id, float(score), "ok", why, content, attempt + 1)
-            if attempt < self.max_retries and stop.wait(
-                backoff_delay(attempt, wait, self.backoff, self.max_backoff)
-            ):
-                return JudgeResult(item.id, None, status, f"cancelled: {reason}", raw, attempt + 1)
-        n = self.max_retries + 1
-        reason = f"gave up after {n} attempts: {reason}" if n > 1 else reason
-        return JudgeResult(item.id, None, status, reason, raw, n)
+                    return JudgeResult(item.id, float(score), "ok", why, content, attempts)
+            if stop.wait(delay):
+                return JudgeResult(item.id, None, status, f"cancelled: {reason}", raw, attempts)
+
+
+def _gave_up(attempts: int, reason: str) -> str:
+    return f"gave up after {attempts} attempts: {reason}" if attempts > 1 else reason
 
 
 def parse_judgement(content: str) -> tuple[int, str]:
     """``(score, reason)`` from a judge reply: a JSON object (optionally in a ```json fence) with
     an integer ``score`` in 1..5 (``4.0`` counts as 4; strings such as ``"4"`` do not) and a
-    ``reason`` string (missing: ``""``). Raises ValueError saying what is wrong otherwise."""
+    ``reason`` string (missing: ``""``); the first JSON object of the reply counts, text
+    around it is ignored. Raises ValueError saying what is wrong otherwise."""
     text = strip_fence(content)
     if not text:
         raise ValueError("reply has no message content")
     try:
-        data = json.loads(text)
+        data = first_json_object(text)
     except ValueError:
-        raise ValueError(f"reply is not JSON: {excerpt(text)!r}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"reply is not a JSON object: {excerpt(text)!r}")
+        raise ValueError(f"reply holds no JSON object: {excerpt(text)!r}") from None
     score = data.get("score")
     integral = isinstance(score, int) or (isinstance(score, float) and score.is_integer())
     if isinstance(score, bool) or not integral or not 1 <= score <= 5:

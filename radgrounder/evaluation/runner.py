@@ -134,6 +134,9 @@ def _judge(judge: Any, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
 
     path = out / "judge.jsonl"
     done = read_checkpoint(path)[0] if path.is_file() else {}
+    model = getattr(judge, "model", None)
+    # A score by another judge model, or a failed item, is judged again by this one.
+    done = {k: d for k, d in done.items() if d.get("model") == model and d.get("status") == "ok"}
     todo = [
         JudgeItem(
             r["id"],
@@ -143,14 +146,15 @@ def _judge(judge: Any, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
             "vqa" if r["task"] in ("vqa", "grounded-vqa") else "report",
         )
         for r in rows
-        if r["id"] not in done or done[r["id"]].get("status") == "error"
+        if r["id"] not in done
     ]
     writer = CheckpointWriter(path)
     try:
-        step = max(1, 4 * getattr(judge, "concurrency", 8))
+        concurrency = judge.resolve_concurrency() if hasattr(judge, "resolve_concurrency") else 8
+        step = max(1, 4 * concurrency)
         for start in range(0, len(todo), step):
             for res in judge.score(todo[start : start + step], progress=False):
-                record = asdict(res)
+                record = {**asdict(res), "model": model}
                 writer.write(record)
                 done[res.id] = record
     finally:
@@ -163,7 +167,9 @@ def _judge(judge: Any, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
         results.append(JudgeResult(**{k: d[k] for k in JudgeResult.__dataclass_fields__}))
     return {
         "url": getattr(judge, "url", None),
-        "model": getattr(judge, "model", None),
+        "model": model,
+        "concurrency": getattr(judge, "concurrency", None),
+        "concurrency_source": getattr(judge, "concurrency_source", None),
         **summarize(results),
     }
 

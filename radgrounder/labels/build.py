@@ -72,6 +72,8 @@ class BuildReport:
     failed: dict[str, str]
     manifest: dict[str, Any]
     warnings: dict[str, list[str]] = field(default_factory=dict)  # scan id -> notes on its input
+    # sentence id -> why keyword extraction failed (LLM backend): its mentions are missing
+    failed_sentences: dict[str, str] = field(default_factory=dict)
 
 
 def _scan_id(path: Path) -> str:
@@ -321,6 +323,7 @@ def build_dataset(
         _run_jobs(jobs, opts, on_done)
 
     manifest = _manifest(jobs, per_scan, splits, scans, labels, config, sentence_failures)
+    manifest["n_sentences"] = len(items)
     notes = {sid: c["warnings"] for sid, c in sorted(per_scan.items()) if c.get("warnings")}
     atomic_write_json(out / "manifest.json", manifest)
     atomic_write_json(
@@ -333,7 +336,13 @@ def build_dataset(
         },
     )
     return BuildReport(
-        out, sorted(done), sorted(skipped), dict(sorted(failed.items())), manifest, notes
+        out,
+        sorted(done),
+        sorted(skipped),
+        dict(sorted(failed.items())),
+        manifest,
+        notes,
+        dict(sorted(sentence_failures.items())),
     )
 
 

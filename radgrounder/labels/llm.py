@@ -24,6 +24,7 @@ from radgrounder.chat_client import (
     backoff_delay,
     check_number,
     excerpt,
+    first_json_object,
     progress_bar,
     reply_content,
     strip_fence,
@@ -32,7 +33,7 @@ from radgrounder.chat_client import retry_after as _retry_after  # noqa: F401 (k
 from radgrounder.errors import RadGrounderError
 from radgrounder.labels.checkpoint import CheckpointWriter, read_checkpoint
 from radgrounder.labels.llm_prompt import check_language as _check_language
-from radgrounder.labels.llm_prompt import mentions_schema, system_prompt
+from radgrounder.labels.llm_prompt import mentions_schema, reply_token_budget, system_prompt
 from radgrounder.labels.mentions import Mention
 
 
@@ -48,6 +49,7 @@ class KeywordRun:
     n_retries: int = 0
     n_rejected: int = 0
     n_resumed: int = 0
+    n_other_model: int = 0  # checkpoint records of another model, requested again
 
 
 @dataclass
@@ -60,10 +62,27 @@ class _Outcome:
     retries: int
 
 
+RESPONSE_FORMATS = ("json_schema", "json_object", "none")
+# Without word from the server, requests in flight: at or below the parallel slots of common
+# servers (llama-server 4 by default, Ollama often 1-4), so requests do not time out in a queue.
+DEFAULT_CONCURRENCY = 4
+
+
 class LLMExtractor:
     """Finds anatomy mentions in report sentences with a chat-completions server.
 
     ``endpoint`` is the server's base URL, e.g. ``http://127.0.0.1:8000/v1``.
+    ``response_format`` asks for ``"json_schema"`` (strict, constrained decoding: vLLM,
+    llama.cpp, Ollama >= 0.5), ``"json_object"`` or ``"none"`` (plain replies: the first JSON
+    object in them is used). ``concurrency`` None uses the slots the server reports
+    (llama.cpp) or ``DEFAULT_CONCURRENCY``. Every request carries ``max_tokens`` sized to the
+    sentence (:func:`~radgrounder.labels.llm_prompt.reply_token_budget`).
+
+    Retries change something: transport failures (connection, timeouts, HTTP 5xx/429) are
+    retried ``max_retries`` times with backoff; a reply that breaks the format is deterministic
+    at temperature 0, so it is retried at most ``max_reply_retries`` times, each at a higher
+    temperature with another seed, and a reply cut off at ``max_tokens`` is retried once with
+    twice the budget.
     """
 
     def __init__(
@@ -72,31 +91,52 @@ class LLMExtractor:
         model: str,
         *,
         api_key: str | None = None,
-        concurrency: int = 8,
-        timeout: float = 60.0,
+        concurrency: int | None = None,
+        timeout: float = 120.0,
+        connect_timeout: float = 10.0,
         max_retries: int = 5,
+        max_reply_retries: int = 2,
         backoff: float = 1.0,
         max_backoff: float = 30.0,
         temperature: float = 0.0,
         checkpoint: str | Path | None = None,
-        use_json_schema: bool = True,
+        response_format: str = "json_schema",
     ) -> None:
-        self._client = ChatClient(endpoint, api_key=api_key, timeout=timeout)
+        self._client = ChatClient(
+            endpoint, api_key=api_key, timeout=timeout, connect_timeout=connect_timeout
+        )
         self.url = self._client.url
         if not isinstance(model, str) or not model.strip():
             raise RadGrounderError(f"model: expected a non-empty name, got {model!r}")
         self.model = model
-        check_number("concurrency", concurrency, 1, integer=True)
+        if concurrency is not None:
+            check_number("concurrency", concurrency, 1, integer=True)
         check_number("max_retries", max_retries, 0, integer=True)
+        check_number("max_reply_retries", max_reply_retries, 0, integer=True)
         for name, value in (("backoff", backoff), ("max_backoff", max_backoff)):
             check_number(name, value, 0)
         check_number("temperature", temperature, 0)
-        self.concurrency, self.max_retries = concurrency, max_retries
+        if response_format not in RESPONSE_FORMATS:
+            raise RadGrounderError(
+                f"response_format: expected one of {', '.join(RESPONSE_FORMATS)}, "
+                f"got {response_format!r}"
+            )
+        self.concurrency = concurrency
+        self.concurrency_source = "argument" if concurrency is not None else None
+        self.max_retries, self.max_reply_retries = max_retries, max_reply_retries
         self.timeout, self.backoff, self.max_backoff = timeout, backoff, max_backoff
         self.temperature = temperature
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
-        self.use_json_schema = use_json_schema
+        self.response_format = response_format
         self._categories = frozenset(load_schema().names)
+
+    def resolve_concurrency(self) -> int:
+        """The requests in flight: as given, else the server's slots, else the default."""
+        if self.concurrency is None:
+            slots = self._client.server_slots()
+            self.concurrency = slots or DEFAULT_CONCURRENCY
+            self.concurrency_source = "server" if slots else "default"
+        return self.concurrency
 
     def extract(self, sentence: str, language: str) -> list[Mention]:
         """The mentions in one sentence; raises RadGrounderError with the reason on failure."""
@@ -119,7 +159,7 @@ class LLMExtractor:
         todo = _check_items(items)
         run = KeywordRun()
         if self.checkpoint is not None:
-            _resume(self.checkpoint, todo, run)
+            _resume(self.checkpoint, todo, run, self.model)
         pending = [item for item in todo if item[0] not in run.results]
         writer = CheckpointWriter(self.checkpoint) if self.checkpoint is not None else None
         try:
@@ -139,7 +179,8 @@ class LLMExtractor:
     ) -> None:
         by_id = {item[0]: item for item in pending}
         stop = threading.Event()
-        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="llm")
+        workers = self.resolve_concurrency() if pending else 1
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llm")
         try:
             futures = {pool.submit(self._extract_one, *item, stop): item[0] for item in pending}
             for future in as_completed(futures):
@@ -151,7 +192,12 @@ class LLMExtractor:
                 run.n_requests += outcome.requests
                 run.n_retries += outcome.retries
                 _, sentence, language = by_id[sid]
-                record: dict[str, Any] = {"id": sid, "sentence": sentence, "language": language}
+                record: dict[str, Any] = {
+                    "id": sid,
+                    "sentence": sentence,
+                    "language": language,
+                    "model": self.model,
+                }
                 if outcome.mentions is None:
                     run.failures[sid] = record["failed"] = outcome.reason
                 else:
@@ -175,40 +221,69 @@ class LLMExtractor:
         if not sentence.strip():
             return _Outcome(sentence_id, [], [], "", 0, 0)
         stop = stop or threading.Event()
-        body = json.dumps(self._payload(sentence, language)).encode("utf-8")
-        reason = ""
-        for attempt in range(self.max_retries + 1):
+        budget = reply_token_budget(sentence)
+        transport = replies = requests = 0
+        temperature, seed = self.temperature, None
+        while True:
+            body = self._payload(sentence, language, budget, temperature, seed)
+            requests += 1
             try:
-                content, finish = reply_content(self._client.post(body))
+                content, finish = reply_content(self._client.post(json.dumps(body).encode()))
                 entries = _parse_entries(content, finish, self._categories)
                 mentions, rejected = _locate(sentence, language, entries)
-                return _Outcome(sentence_id, mentions, rejected, "", attempt + 1, attempt)
+                return _Outcome(sentence_id, mentions, rejected, "", requests, requests - 1)
             except FatalError as exc:
-                return _Outcome(sentence_id, None, [], str(exc), attempt + 1, attempt)
+                return _Outcome(sentence_id, None, [], str(exc), requests, requests - 1)
             except RetryableError as exc:
-                reason = str(exc)
-                if attempt < self.max_retries and stop.wait(self._delay(attempt, exc.wait)):
-                    reason = f"cancelled: {reason}"
-                    return _Outcome(sentence_id, None, [], reason, attempt + 1, attempt)
-        n = self.max_retries + 1
-        return _Outcome(sentence_id, None, [], f"gave up after {n} attempts: {reason}", n, n - 1)
+                reason, wait = str(exc), exc.wait
+                if exc.kind in ("reply", "length"):
+                    if replies >= self.max_reply_retries:
+                        n = replies + 1
+                        reason = f"{n} repl{'y' if n == 1 else 'ies'} broke the format: {reason}"
+                        return _Outcome(sentence_id, None, [], reason, requests, requests - 1)
+                    replies += 1
+                    if exc.kind == "length":  # more room, once; then a different sample
+                        budget = min(4 * reply_token_budget(sentence), 2 * budget)
+                    temperature, seed = max(self.temperature, 0.4 * replies), replies
+                    wait = 0.0
+                else:
+                    if transport >= self.max_retries:
+                        n = transport + 1
+                        reason = f"gave up after {n} attempts: {reason}"
+                        return _Outcome(sentence_id, None, [], reason, requests, requests - 1)
+                    transport += 1
+                    wait = self._delay(transport - 1, wait)
+                if stop.wait(wait):
+                    return _Outcome(
+                        sentence_id, None, [], f"cancelled: {reason}", requests, requests - 1
+                    )
 
-    def _payload(self, sentence: str, language: str) -> dict[str, Any]:
-        if self.use_json_schema:
-            schema = {"name": "mentions", "strict": True, "schema": mentions_schema()}
-            response_format: dict[str, Any] = {"type": "json_schema", "json_schema": schema}
-        else:
-            response_format = {"type": "json_object"}
-        return {
+    def _payload(
+        self,
+        sentence: str,
+        language: str,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None,
+    ) -> dict[str, Any]:
+        payload: dict[str, Any] = {
             "model": self.model,
             "messages": [
                 {"role": "system", "content": system_prompt(language)},
                 {"role": "user", "content": sentence},
             ],
-            "temperature": self.temperature,
-            "response_format": response_format,
+            "temperature": temperature,
+            "max_tokens": max_tokens,
             "stream": False,
         }
+        if seed is not None:
+            payload["seed"] = seed
+        if self.response_format == "json_schema":
+            schema = {"name": "mentions", "strict": True, "schema": mentions_schema(sentence)}
+            payload["response_format"] = {"type": "json_schema", "json_schema": schema}
+        elif self.response_format == "json_object":
+            payload["response_format"] = {"type": "json_object"}
+        return payload
 
     def _delay(self, attempt: int, wait: float | None) -> float:
         return backoff_delay(attempt, wait, self.backoff, self.max_backoff)
@@ -217,12 +292,18 @@ class LLMExtractor:
 def _parse_entries(content: str, finish: Any, categories: frozenset[str]) -> list[tuple[str, str]]:
     text = strip_fence(content)
     try:
-        data = json.loads(text)
+        data = first_json_object(text)
     except ValueError as exc:
-        cut = " (cut off: finish_reason=length)" if finish == "length" else ""
-        raise RetryableError(f"reply is not valid JSON{cut}: {exc} in {excerpt(text)!r}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("mentions"), list):
-        raise RetryableError(f'reply violates the schema: no "mentions" list in {excerpt(text)!r}')
+        if finish == "length":
+            raise RetryableError(
+                f"reply cut off at max_tokens (finish_reason=length): {excerpt(text)!r}",
+                kind="length",
+            ) from None
+        raise RetryableError(f"reply is not valid JSON: {exc}", kind="reply") from None
+    if not isinstance(data.get("mentions"), list):
+        raise RetryableError(
+            f'reply violates the schema: no "mentions" list in {excerpt(text)!r}', kind="reply"
+        )
     entries = []
     for i, item in enumerate(data["mentions"]):
         keyword = item.get("keyword") if isinstance(item, dict) else None
@@ -230,10 +311,13 @@ def _parse_entries(content: str, finish: Any, categories: frozenset[str]) -> lis
         if not isinstance(keyword, str) or not isinstance(category, str):
             raise RetryableError(
                 f'reply violates the schema: mentions[{i}] needs string "keyword" and '
-                f'"category", got {excerpt(json.dumps(item))!r}'
+                f'"category", got {excerpt(json.dumps(item))!r}',
+                kind="reply",
             )
         if category not in categories:
-            raise RetryableError(f"reply violates the schema: unknown category {category!r}")
+            raise RetryableError(
+                f"reply violates the schema: unknown category {category!r}", kind="reply"
+            )
         entries.append((keyword, category))
     return entries
 
@@ -320,7 +404,7 @@ def _check_items(items: Iterable[tuple[str, str, str]]) -> list[tuple[str, str, 
     return checked
 
 
-def _resume(path: Path, todo: list[tuple[str, str, str]], run: KeywordRun) -> None:
+def _resume(path: Path, todo: list[tuple[str, str, str]], run: KeywordRun, model: str) -> None:
     if not path.exists():
         return
     if not path.is_file():
@@ -333,6 +417,9 @@ def _resume(path: Path, todo: list[tuple[str, str, str]], run: KeywordRun) -> No
         if record is None or "failed" in record:
             continue
         if record.get("sentence") != sentence or record.get("language") != language:
+            continue
+        if record.get("model") != model:  # another model's answer is not this run's result
+            run.n_other_model += 1
             continue
         try:
             mentions = [Mention.from_dict(m) for m in record["mentions"]]

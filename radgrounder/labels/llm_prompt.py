@@ -73,11 +73,33 @@ def system_prompt(language: str) -> str:
     )
 
 
-def mentions_schema() -> dict[str, Any]:
-    """The JSON schema a reply must follow; the category enum is the unified class names."""
+MAX_MENTIONS = 48
+
+
+def max_mentions(sentence: str) -> int:
+    """The most mentions a reply for ``sentence`` may list: a word names at most a pair or a
+    short range of levels, so a few more than the words, and never more than MAX_MENTIONS."""
+    return min(MAX_MENTIONS, 4 + len(sentence.split()))
+
+
+def reply_token_budget(sentence: str) -> int:
+    """``max_tokens`` for a reply to ``sentence``: room for ``max_mentions`` entries (keyword,
+    category and JSON syntax take about 24 tokens each), so generation always ends."""
+    return 32 + 24 * max_mentions(sentence)
+
+
+def mentions_schema(sentence: str | None = None) -> dict[str, Any]:
+    """The JSON schema a reply must follow; the category enum is the unified class names.
+    With ``sentence``, the list is bounded (``maxItems``) and keywords no longer than it, so
+    constrained decoding cannot repeat forever."""
     enum = list(load_schema().names)
-    props = {"keyword": {"type": "string"}, "category": {"type": "string", "enum": enum}}
+    keyword: dict[str, Any] = {"type": "string"}
+    if sentence is not None:
+        keyword["maxLength"] = max(1, len(sentence))
+    props = {"keyword": keyword, "category": {"type": "string", "enum": enum}}
     item = {"type": "object", "properties": props, "required": ["keyword", "category"]}
-    mentions = {"type": "array", "items": {**item, "additionalProperties": False}}
+    mentions: dict[str, Any] = {"type": "array", "items": {**item, "additionalProperties": False}}
+    if sentence is not None:
+        mentions["maxItems"] = max_mentions(sentence)
     top = {"type": "object", "properties": {"mentions": mentions}, "required": ["mentions"]}
     return {**top, "additionalProperties": False}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.csv as pacsv
@@ -266,28 +267,38 @@ def test_eval_with_an_llm_judge_counts_failures_and_resumes(tiny_models, slake_r
     ds = open_dataset("slake", slake_root)
     out = tmp_path / "judged"
     with FakeJudgeServer() as server:
-        judge = LLMJudge(
-            server.url, "fake", backoff=0.001, max_backoff=0.01, max_retries=1, concurrency=1
-        )
+        settings = {"backoff": 0.001, "max_backoff": 0.01, "max_retries": 1, "concurrency": 1}
+        judge = LLMJudge(server.url, "fake", max_reply_retries=1, **settings)
         opts = EvalOptions(max_new_tokens=3, progress=False, n_resamples=200, judge=judge)
         server.fail(Fault("content", text="**5**"), times=2)  # one sample: twice garbage
         server.fail(Fault("status", status=503), times=None)  # then the server is down
         first = evaluate(tiny_models["detection"], ds, out, opts)
         j = first.summary["judge"]
-        assert (j["ok"], j["unparseable"], j["error"]) == (0, 1, 3)
+        assert (j["ok"], j["unparseable"], j["error"], j["model"]) == (0, 1, 3, "fake")
         assert "llm_score" not in first.summary["metrics"].get("all", {})
         rows = pq.read_table(out / "samples.parquet").to_pylist()
         assert sorted(r["llm_judge_status"] for r in rows) == ["error"] * 3 + ["unparseable"]
         assert all(np.isnan(r["llm_score"]) for r in rows)  # never scored 0
 
-        server._scripts.clear()  # the server is back: only the failed items are asked again
+        server._scripts.clear()  # the server is back: the failed items are asked again
         before = server.count()
         second = evaluate(tiny_models["detection"], ds, out, opts)
-        assert server.count() - before == 3
+        assert server.count() - before == 4
         j = second.summary["judge"]
-        assert (j["ok"], j["unparseable"], j["error"]) == (3, 1, 0)
-        assert second.summary["metrics"]["all"]["llm_score"]["n"] == 3
+        assert (j["ok"], j["unparseable"], j["error"]) == (4, 0, 0)
+        assert second.summary["metrics"]["all"]["llm_score"]["n"] == 4
         assert second.summary["metrics"]["all"]["llm_score"]["mean"] == 1.0  # answers differ
+        # Resume asks nothing again of the same judge model ...
+        before = server.count()
+        evaluate(tiny_models["detection"], ds, out, opts)
+        assert server.count() == before
+        # ... but another judge model's scores are its own: every item is judged again, and
+        # the summary names the model that gave the scores.
+        other = LLMJudge(server.url, "other-judge", **settings)
+        third = evaluate(tiny_models["detection"], ds, out, replace(opts, judge=other))
+        assert server.count() - before == 4
+        assert third.summary["judge"]["model"] == "other-judge"
+        assert {r.body["model"] for r in server.requests[-4:]} == {"other-judge"}
 
 
 def test_refrad2d_folder(tiny_models, built_eval_dataset, tmp_path):
@@ -329,3 +340,23 @@ def test_mean_box_baseline(built_eval_dataset, tmp_path):
     assert m["f1"]["mean"] == pytest.approx(1.0)
     assert 0.0 < m["box_iou"]["mean"] < 1.0
     assert run.summary["model"]["variant"] == "detection"
+
+
+def test_eval_cli_reports_judge_failures_and_exits_3(tiny_models, slake_root, tmp_path, capsys):
+    from tests.evaluation.fake_judge_server import FakeJudgeServer, Fault
+
+    with FakeJudgeServer() as server:
+        server.slots = 2  # llama.cpp's /props: the judge sends 2 at a time
+        server.fail(Fault("status", status=503), times=None)
+        args = [*_eval(tiny_models["detection"], "slake", slake_root, tmp_path / "j"),
+                "--max-new-tokens", "2", "--judge-url", server.url, "--judge-model", "jm",
+                "--judge-response-format", "none", "--quiet"]  # fmt: skip
+        code, cap = run_cli(args, capsys)
+        assert code == 3
+        assert "judge jm: ok 0, unparseable 0, error 4 of 4 (concurrency 2, server)" in cap.out
+        assert "4 judge item(s) failed" in cap.err
+        assert all("response_format" not in r.body for r in server.requests)
+        server.reset()
+        code, cap = run_cli(args, capsys)  # the server is back: the failed items are redone
+        assert code == 0, cap.err
+        assert "judge jm: ok 4, unparseable 0, error 0 of 4" in cap.out

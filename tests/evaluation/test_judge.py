@@ -129,7 +129,7 @@ TRANSIENT = {
     "http 503": (Fault("status", status=503), "HTTP 503"),
     "http 408": (Fault("status", status=408), "HTTP 408"),
     "http 429": (Fault("status", status=429, retry_after=0.01), "HTTP 429"),
-    "timeout": (Fault("sleep", seconds=0.6), "timed out after 0.3 s"),
+    "timeout": (Fault("sleep", seconds=0.6), "no reply within 0.3 s"),
     "dropped connection": (Fault("drop"), "connection error"),
     "body not json": (Fault("body", text="<html>Bad gateway</html>"), "not JSON: '<html>"),
     "no choices": (Fault("no_choices"), "no choices"),
@@ -185,7 +185,7 @@ GARBAGE = {
     "boolean score": '{"score": true, "reason": "x"}',
     "no score": '{"reason": "fine"}',
     "list": "[5]",
-    "json with prose": 'Sure! {"score": 5, "reason": "x"}',
+    "prose only": "Sure, I'd give it a 5.",
     "empty": "",
 }
 
@@ -217,16 +217,36 @@ def test_unparseable_reply_then_valid_one_is_ok(server: FakeJudgeServer) -> None
 
 def test_cut_off_reply_says_so(server: FakeJudgeServer) -> None:
     server.fail(Fault("content", text='{"score": 4, "rea', finish="length"), times=None)
-    result = judge(server, max_retries=0).score_one(item("spleen"))
+    result = judge(server, max_reply_retries=0).score_one(item("spleen"))
     assert result.status == "unparseable" and result.attempts == 1
-    assert result.reason.startswith("reply is not JSON") and "finish_reason=length" in result.reason
+    assert result.reason.startswith("reply holds no JSON object")
+    assert "finish_reason=length" in result.reason
+
+
+def test_unparseable_replies_are_resampled_not_resent(server: FakeJudgeServer) -> None:
+    server.fail(Fault("content", text="**4**"), candidate="spleen", times=None)
+    result = judge(server, max_retries=5).score_one(item("spleen"))
+    assert result.status == "unparseable" and result.attempts == 3  # 1 + max_reply_retries
+    bodies = [r.body for r in server.requests]
+    assert [(b["temperature"], b["seed"]) for b in bodies] == [(0, 42), (0.4, 43), (0.8, 44)]
+
+
+def test_a_json_object_followed_by_prose_is_accepted(server: FakeJudgeServer) -> None:
+    text = 'Sure! {"score": 5, "reason": "Same organ."} Let me know if you need more.'
+    server.fail(Fault("content", text=text), candidate="spleen", times=None)
+    result = judge(server, json_mode="none").score_one(item("spleen"))
+    assert (result.status, result.score, result.reason, result.attempts) == (
+        "ok", 5.0, "Same organ.", 1
+    )  # fmt: skip
+    assert "response_format" not in server.requests[0].body
 
 
 def test_last_attempt_decides_the_status(server: FakeJudgeServer) -> None:
     server.fail(Fault("content", text="**4**"), candidate="spleen")
     server.fail(Fault("status", status=502), candidate="spleen", times=None)
     result = judge(server, max_retries=1).score_one(item("spleen"))
-    assert (result.status, result.raw, result.attempts) == ("error", "", 2)
+    # unparseable (resampled), then HTTP 502 twice: max_retries=1 transport retry
+    assert (result.status, result.raw, result.attempts) == ("error", "", 3)
     assert "HTTP 502" in result.reason
 
 

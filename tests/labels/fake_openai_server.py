@@ -28,6 +28,8 @@ KINDS = frozenset(
         "missing_key",  # an entry without "category"
         "not_verbatim",  # an extra keyword that the sentence does not contain
         "empty_choices",  # "choices": []
+        "cut_off",  # the first half of the answer, finish_reason "length"
+        "prose",  # the answer inside explanatory text, as unconstrained models write
     }
 )
 
@@ -77,6 +79,11 @@ class _Handler(chat.ChatHandler):
             mentions.append({"keyword": "ductus pancreaticus Wirsungi", "category": "pancreas"})
         if kind in ("bad_category", "missing_key", "not_verbatim"):
             content = json.dumps({"mentions": mentions}, ensure_ascii=False)
+        if kind == "cut_off":
+            self._send_completion(content[: len(content) // 2], finish="length")
+            return
+        if kind == "prose":
+            content = f'Here are the mentions:\n{content}\nI hope this helps {{"a": 1}}.'
         self._send_completion(content, empty=kind == "empty_choices")
 
 

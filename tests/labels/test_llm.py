@@ -94,7 +94,7 @@ def test_german_paired_word_gives_one_mention_per_side(server: FakeOpenAIServer)
 
 
 def test_json_object_fallback(server: FakeOpenAIServer) -> None:
-    extractor(server, use_json_schema=False).extract(EN, "en")
+    extractor(server, response_format="json_object").extract(EN, "en")
     assert server.requests[0].body["response_format"] == {"type": "json_object"}
 
 
@@ -149,18 +149,22 @@ RETRYABLE = {
     "http 502": (Fault("status", status=502), "HTTP 502"),
     "http 503": (Fault("status", status=503), "HTTP 503"),
     "429": (Fault("rate_limit", retry_after=0.01), "HTTP 429"),
-    "timeout": (Fault("sleep", seconds=0.6), "timed out after 0.3 s"),
+    "timeout": (Fault("sleep", seconds=0.6), "no reply within 0.3 s"),
     "dropped connection": (Fault("drop"), "connection error"),
+    "empty choices": (Fault("empty_choices"), "no choices"),
+}
+# Replies that break the format: the same request at temperature 0 gives the same reply, so
+# they are retried at most max_reply_retries times, each with another temperature and seed.
+BROKEN_REPLIES = {
     "invalid json": (Fault("invalid_json"), "not valid JSON"),
     "unknown category": (Fault("bad_category"), "unknown category 'left_big_toe'"),
     "missing key": (Fault("missing_key"), 'needs string "keyword" and "category"'),
-    "empty choices": (Fault("empty_choices"), "no choices"),
 }
 
 
-@pytest.mark.parametrize("name", list(RETRYABLE))
+@pytest.mark.parametrize("name", [*RETRYABLE, *BROKEN_REPLIES])
 def test_fault_is_retried_then_succeeds(server: FakeOpenAIServer, name: str) -> None:
-    fault, _ = RETRYABLE[name]
+    fault, _ = {**RETRYABLE, **BROKEN_REPLIES}[name]
     server.fail(fault, sentence=EN, times=2)
     run = extractor(server, timeout=0.3).extract_many([("s", EN, "en"), ("d", DE, "de")])
     assert run.failures == {}
@@ -181,6 +185,23 @@ def test_persistent_fault_fails_with_its_reason(server: FakeOpenAIServer, name: 
     assert server.count(EN) == 3
     with pytest.raises(RadGrounderError, match="keyword extraction failed: gave up"):
         extractor(server, timeout=0.3, max_retries=0).extract(EN, "en")
+
+
+@pytest.mark.parametrize("name", list(BROKEN_REPLIES))
+def test_a_broken_reply_is_retried_with_something_changed(
+    server: FakeOpenAIServer, name: str
+) -> None:
+    fault, reason = BROKEN_REPLIES[name]
+    server.fail(fault, sentence=EN, times=None)
+    run = extractor(server, max_retries=5).extract_many([("s", EN, "en")], progress=False)
+    assert run.failures["s"].startswith("3 replies broke the format: ")
+    assert reason in run.failures["s"]
+    bodies = [r.body for r in server.requests if r.key == EN]
+    assert len(bodies) == 3  # 1 + max_reply_retries (2), not 1 + max_retries (5)
+    # Each retry is another sample: higher temperature, another seed.
+    assert [(b["temperature"], b.get("seed")) for b in bodies] == [(0.0, None), (0.4, 1), (0.8, 2)]
+    with pytest.raises(RadGrounderError, match="1 reply broke the format"):
+        extractor(server, max_reply_retries=0).extract(EN, "en")
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404])
@@ -404,3 +425,69 @@ def test_every_sentence_ends_in_results_or_failures(
     assert not set(run.results) & set(run.failures)
     assert set(run.failures) == expected_failures
     assert all(run.failures.values())
+
+
+def test_requests_are_bounded_by_the_sentence(server: FakeOpenAIServer) -> None:
+    from radgrounder.labels.llm_prompt import max_mentions, reply_token_budget
+
+    extractor(server).extract(EN, "en")
+    body = server.requests[-1].body
+    assert body["max_tokens"] == reply_token_budget(EN) == 32 + 24 * max_mentions(EN)
+    schema = body["response_format"]["json_schema"]["schema"]["properties"]["mentions"]
+    assert schema["maxItems"] == max_mentions(EN) == 4 + len(EN.split())
+    assert schema["items"]["properties"]["keyword"]["maxLength"] == len(EN)
+
+
+def test_a_cut_off_reply_gets_more_room_once(server: FakeOpenAIServer) -> None:
+    from tests.labels.fake_openai_server import Fault as F
+
+    server.fail(F("cut_off"), sentence=EN, times=1)
+    mentions = extractor(server).extract(EN, "en")
+    assert [m.class_name for m in mentions] == ["kidney_left", "liver"]
+    first, second = (r.body for r in server.requests if r.key == EN)
+    assert second["max_tokens"] == 2 * first["max_tokens"]
+
+
+def test_plain_replies_with_prose_around_the_json(server: FakeOpenAIServer) -> None:
+    from tests.labels.fake_openai_server import Fault as F
+
+    server.fail(F("prose"), sentence=EN, times=None)
+    mentions = extractor(server, response_format="none").extract(EN, "en")
+    assert [m.class_name for m in mentions] == ["kidney_left", "liver"]
+    assert "response_format" not in server.requests[-1].body
+
+
+def test_concurrency_follows_the_servers_slots(server: FakeOpenAIServer) -> None:
+    items = [(f"s{i}", f"The liver, sentence {i}.", "en") for i in range(12)]
+    server.latency = 0.05
+    server.slots = 2
+    ex = extractor(server, concurrency=None)
+    ex.extract_many(items, progress=False)
+    assert (ex.concurrency, ex.concurrency_source) == (2, "server")
+    assert server.max_in_flight == 2 and server.gets == ["/props"]
+    server.reset()
+    server.slots = None  # vLLM, Ollama: no /props
+    ex = extractor(server, concurrency=None)
+    ex.extract_many(items, progress=False)
+    assert (ex.concurrency, ex.concurrency_source) == (4, "default")
+    assert server.max_in_flight <= 4
+
+
+def test_resume_reuses_only_the_same_models_results(server: FakeOpenAIServer, tmp_path) -> None:
+    items = [("s", EN, "en"), ("d", DE, "de")]
+    ck = tmp_path / "keywords.jsonl"
+    extractor(server, checkpoint=ck).extract_many(items, progress=False)
+    assert server.count() == 2
+    again = extractor(server, checkpoint=ck).extract_many(items, progress=False)
+    assert (server.count(), again.n_resumed) == (2, 2)
+    other = LLMExtractor(server.url, "another-model", checkpoint=ck, **FAST)
+    run = other.extract_many(items, progress=False)
+    assert (server.count(), run.n_resumed, run.n_other_model) == (4, 0, 2)
+    assert {r.body["model"] for r in server.requests[-2:]} == {"another-model"}
+    records = [json.loads(line) for line in ck.read_text().splitlines()]
+    assert [r["model"] for r in records] == ["fake-model"] * 2 + ["another-model"] * 2
+
+
+def test_the_api_key_is_sent_as_a_bearer_token(server: FakeOpenAIServer) -> None:
+    extractor(server, api_key="sk-local-123").extract(EN, "en")
+    assert server.requests[-1].headers["Authorization"] == "Bearer sk-local-123"
