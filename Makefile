@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format clean
+.PHONY: demo test bench lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check radgrounder tests benchmarks
 	$(PY) -m pytest
+
+# The CPU benchmarks (about 12 minutes on 2 cores): docs/benchmarks.md and README's summary.
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check radgrounder tests benchmarks

@@ -9,6 +9,8 @@ the same grounded-report prompt, greedy, a fixed number of new tokens (``min_new
 
 Latency is per slice: for ``naive`` the time of its own call; for ``batched`` the time of the
 batch it was part of (all slices arrive at once). Throughput is slices / total wall time.
+The two are timed interleaved over ``--rounds`` rounds after a discarded warm-up round
+(``benchmarks/harness.py``); the speedup is taken per round.
 
     .venv/bin/python benchmarks/bench_infer.py --size tiny --n 32 --batch-size 8     # CPU
     python benchmarks/bench_infer.py --size 3b --n 128 --batch-size 32 --dtype bfloat16   # GPU
@@ -18,13 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import shlex
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import MIN_ROUNDS, Machine, spread_report  # benchmarks/harness.py
 
 from radgrounder.imaging import load_scan, preprocess_slice
 from radgrounder.inference import Predictor
@@ -98,12 +103,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=5, help=f"timed rounds (>= {MIN_ROUNDS})")
     args = parser.parse_args()
+    if args.rounds < MIN_ROUNDS:
+        parser.error(f"--rounds must be at least {MIN_ROUNDS}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    machine = Machine()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     volume = load_scan(SERIES)
     slices = [volume.slice(k % volume.n_slices) for k in range(args.n)]
+    rounds: dict[str, list[dict[str, float]]] = {"naive": [], "batched": []}
     with tempfile.TemporaryDirectory() as tmp, flush_denormals():
         folder = init_model(args.size, args.variant, Path(tmp) / "m", seed=0)
         loaded = load_model(folder, device=device, dtype=args.dtype)
@@ -111,27 +121,47 @@ def main() -> None:
             "grounded-report-detect" if args.variant == "detection" else "grounded-report-segment"
         )
         predictor = Predictor(loaded, batch_size=args.batch_size)
-        naive(loaded, slices[:2], prompt, 2)  # warm-up
-        results = {
-            "naive": naive(loaded, slices, prompt, args.new_tokens),
-            "batched": batched(predictor, slices, args.new_tokens),
+        sides = {
+            "naive": lambda: naive(loaded, slices, prompt, args.new_tokens),
+            "batched": lambda: batched(predictor, slices, args.new_tokens),
         }
-    results["speedup"] = results["batched"]["slices_per_s"] / results["naive"]["slices_per_s"]
+        for r in range(1 + args.rounds):  # round 0: warm-up, discarded; the order alternates
+            for name in ("naive", "batched") if r % 2 == 0 else ("batched", "naive"):
+                stats = sides[name]()
+                if r > 0:
+                    rounds[name].append(stats)
+    results = {
+        name: {key: round(statistics.median(s[key] for s in per_round), 4) for key in per_round[0]}
+        for name, per_round in rounds.items()
+    }
+    speedup = spread_report(
+        [b["slices_per_s"] / n["slices_per_s"]
+         for n, b in zip(rounds["naive"], rounds["batched"], strict=True)]
+    )  # fmt: skip
     print(
         json.dumps(
             {
                 "benchmark": "inference",
+                "command": shlex.join([sys.executable, *sys.argv]),
                 "size": args.size,
                 "variant": args.variant,
                 "n_slices": args.n,
                 "batch_size": args.batch_size,
                 "new_tokens": args.new_tokens,
+                "rounds": args.rounds,
                 "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
                 "threads": torch.get_num_threads(),
                 "dtype": str(loaded.model.dtype),
-                "torch": torch.__version__,
-                "python": platform.python_version(),
                 **results,
+                "comparisons": {
+                    "batched_over_naive_slices_per_s": {
+                        "what": f"{args.size} model, {args.n} slices, batch {args.batch_size}: "
+                        "slices/s, Predictor batching / one-by-one generate",
+                        **speedup,
+                    }
+                },
+                "unstable": speedup["unstable"],
+                "machine": machine.report(),
             },
             indent=2,
         )

@@ -4,21 +4,26 @@ Prints JSON. The reference algorithm (spec §5.3) runs, per slice and per class 
 8-connected component pass on the binary class mask and takes the union box; it is
 re-implemented here with scipy (the reference uses OpenCV) so both sides run on one machine.
 
-    .venv/bin/python benchmarks/bench_regions.py [--slices 400] [--repeat 1]
+    .venv/bin/python benchmarks/bench_regions.py [--slices 96] [--rounds 5]
+
+Both sides run once per round on the same unified label volume, interleaved
+(``benchmarks/harness.py``); loading the NIfTI is timed alone as the I/O floor.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import shlex
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from harness import MIN_ROUNDS, Machine, interleave, rate, speedup  # benchmarks/harness.py
 from scipy import ndimage
 
 from radgrounder.imaging import read_label_map
@@ -58,74 +63,78 @@ def synthetic_label_map(path: Path, slices: int, seed: int = 0) -> None:
     nib.save(img, path)
 
 
-def best_of(fn, repeat: int) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, result
+def run_case(path: Path, rounds: int, label_task: str = "total") -> dict:
+    t = time.perf_counter()
+    labels = read_label_map(path)
+    load_s = time.perf_counter() - t
+    unified = unify_label_volume(labels, label_task=label_task)
+    results: dict[str, object] = {}
 
+    def ours() -> None:
+        u = unify_label_volume(labels, label_task=label_task)
+        results["ours"] = [r.boxes for r in extract_regions(u, instances=False)]
 
-def run_case(path: Path, repeat: int, label_task: str = "total") -> dict:
-    load_s, labels = best_of(lambda: read_label_map(path), repeat)
+    def ours_instances() -> None:
+        u = unify_label_volume(labels, label_task=label_task)
+        results["instances"] = list(extract_regions(u, instances=True))
 
-    def ours():
-        unified = unify_label_volume(labels, label_task=label_task)
-        return unified, [r.boxes for r in extract_regions(unified, instances=False)]
+    def reference() -> None:
+        results["reference"] = reference_boxes(unified)
 
-    def ours_instances():
-        unified = unify_label_volume(labels, label_task=label_task)
-        return list(extract_regions(unified, instances=True))
-
-    ours_s, (unified, boxes) = best_of(ours, repeat)
-    inst_s, _ = best_of(ours_instances, repeat)
-    base_s, base = best_of(lambda: reference_boxes(unified), 1)
-    if base != boxes:
+    seconds = interleave(
+        {"reference": reference, "ours": ours, "ours_instances": ours_instances},
+        rounds,
+        min_round_s=0.5,
+    )
+    if results["reference"] != results["ours"]:
         raise SystemExit(f"{path}: our boxes differ from the reference algorithm's")
     n = unified.shape[0]
     return {
         "slices": n,
         "shape": list(unified.shape),
-        "ours_slices_per_s": round(n / ours_s, 1),
-        "ours_with_instances_slices_per_s": round(n / inst_s, 1),
-        "baseline_slices_per_s": round(n / base_s, 2),
-        "speedup": round(base_s / ours_s, 1),
+        "ours_slices_per_s": rate(seconds["ours"], n),
+        "ours_with_instances_slices_per_s": rate(seconds["ours_instances"], n),
+        "reference_slices_per_s": rate(seconds["reference"], n),
         "load_only_s": round(load_s, 3),
-        "ours_s": round(ours_s, 3),
-        "ours_with_instances_s": round(inst_s, 3),
-        "baseline_s": round(base_s, 3),
+        "ours_median_s": round(statistics.median(seconds["ours"]), 4),
         "boxes_identical": True,
+        "speedup": speedup(seconds, "reference", "ours"),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--slices", type=int, default=400)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=96, help="of the synthetic 512x512 map")
+    parser.add_argument("--rounds", type=int, default=5, help=f"timed rounds (>= {MIN_ROUNDS})")
     args = parser.parse_args()
+    if args.rounds < MIN_ROUNDS or args.slices < 1:
+        parser.error(f"--rounds must be at least {MIN_ROUNDS} and --slices positive")
+    machine = Machine()
     cases = {}
     cases["example_ct"] = run_case(
-        REPO / "data/totalseg_example/example_seg_fast_force_split.nii.gz", args.repeat
+        REPO / "data/totalseg_example/example_seg_fast_force_split.nii.gz", args.rounds
     )
     with tempfile.TemporaryDirectory() as tmp:
         synth = Path(tmp) / "synthetic.nii.gz"
         synthetic_label_map(synth, args.slices)
-        cases[f"synthetic_512x512x{args.slices}"] = run_case(synth, args.repeat)
-    print(
-        json.dumps(
-            {
-                "cases": cases,
-                "machine": {
-                    "platform": platform.platform(),
-                    "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                },
-            },
-            indent=2,
-        )
-    )
+        cases[f"synthetic_512x512x{args.slices}"] = run_case(synth, args.rounds)
+    comparisons = {
+        f"{name}_ours_over_reference": {
+            "what": f"{name}: slices/s, ours / the reference algorithm",
+            **case.pop("speedup"),
+        }
+        for name, case in cases.items()
+    }
+    result = {
+        "benchmark": "regions",
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "rounds": args.rounds,
+        "cases": cases,
+        "comparisons": comparisons,
+        "unstable": any(c["unstable"] for c in comparisons.values()),
+        "machine": machine.report(),
+    }
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import shlex
 import signal
 import socket
@@ -59,12 +58,10 @@ from typing import Any
 
 import httpx
 import numpy as np
-from machine import cpu_model  # benchmarks/machine.py
+from harness import MIN_ROUNDS, UNSTABLE_SPREAD, Machine, spread_report  # benchmarks/harness.py
 
 REPO = Path(__file__).resolve().parents[1]
 SERIES = REPO / "data" / "totalseg_example" / "example_ct_dicom"
-MIN_ROUNDS = 5
-UNSTABLE_SPREAD = 0.25  # a per-round ratio spread ((max - min) / median) above this: unstable
 RATE_FRACTION = 0.7  # the open-loop rate, as a fraction of the median concurrent throughput
 TASK = "grounded-report"
 WINDOW = "lung"
@@ -313,19 +310,6 @@ def delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, float]:
     return {k: after[k] - before[k] for k in keys}
 
 
-def spread_report(values: list[float]) -> dict[str, Any]:
-    median = statistics.median(values)
-    spread = (max(values) - min(values)) / median if median else float("inf")
-    return {
-        "rounds": [round(v, 3) for v in values],
-        "median": round(median, 3),
-        "min": round(min(values), 3),
-        "max": round(max(values), 3),
-        "spread": round(spread, 3),
-        "unstable": spread > UNSTABLE_SPREAD,
-    }
-
-
 def percentiles(seconds: list[float]) -> dict[str, float | None]:
     if not seconds:
         return {"p50": None, "p95": None, "p99": None, "max": None, "mean": None}
@@ -402,8 +386,10 @@ async def throughput(
     latencies: dict[str, list[float]] = {m: [] for m in modes}
     totals: dict[str, dict[str, float]] = {m: Counter() for m in modes}
     walls: dict[str, float] = dict.fromkeys(modes, 0.0)
+    order = list(modes.items())
     for round_index in range(args.rounds + 1):  # round 0: warm-up, discarded
-        for mode, concurrency in modes.items():
+        # The order alternates, so a drift in machine load within a round cancels.
+        for mode, concurrency in order if round_index % 2 == 0 else order[::-1]:
             before = await stats(client, url)
             seconds, lat = await closed_loop(
                 client, url, study, args.requests, concurrency, args.max_new_tokens, tally
@@ -778,6 +764,25 @@ async def run_benchmark(url: str, args: argparse.Namespace, pid: int) -> dict[st
     return result
 
 
+def comparisons(result: dict[str, Any]) -> dict[str, Any]:
+    """The headline ratios, in the form every benchmark reports them."""
+    out = {
+        "concurrent_over_sequential_requests_per_s": {
+            "what": "predict requests/s, concurrent clients / one client at a time",
+            **result["throughput"]["ratio_concurrent_over_sequential"],
+        }
+    }
+    whats = {
+        "window_change_old_over_new_image": "window change: re-upload (POST /v1/slices) / "
+        "study slice PNG",
+        "run_old_over_new": "a run: one-shot upload + predict / study predict",
+    }
+    for key, what in whats.items():
+        ratio = result["study_session"]["ratios_old_over_new"][key]
+        out[key] = {"what": what, **ratio}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="about a minute: fewer of each")
@@ -815,7 +820,7 @@ def main() -> None:
         parser.error("--rate and --rate-seconds must be positive")
 
     started = time.perf_counter()
-    loadavg_start = os.getloadavg()
+    machine = Machine()
     with tempfile.TemporaryDirectory(prefix="radgrounder-bench-serve-") as tmp:
         with server_process(Path(tmp), args) as (url, server):
             result = asyncio.run(run_benchmark(url, args, server["pid"]))
@@ -841,25 +846,20 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "fixed_new_tokens": not args.natural_length,
         **result,
+        "comparisons": comparisons(result),
         "unstable": any(
             result[k]["unstable"] for k in ("throughput", "study_session") if k in result
         ),
         "unstable_threshold": UNSTABLE_SPREAD,
         "problems": problems,
-        "machine": {
-            "cpu_model": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "loadavg_start": [round(v, 2) for v in loadavg_start],
-            "loadavg_end": [round(v, 2) for v in os.getloadavg()],
-            "torch": info["torch"],
-            "server_torch_threads": info["torch_threads"],
-            "server_torch_interop_threads": info["torch_interop_threads"],
-            "python": platform.python_version(),
-            "httpx": httpx.__version__,
-            "platform": platform.platform(),
-            "clients": "asyncio + httpx.AsyncClient in the benchmark process; "
+        "machine": machine.report(
+            torch=info["torch"],
+            server_torch_threads=info["torch_threads"],
+            server_torch_interop_threads=info["torch_interop_threads"],
+            httpx=httpx.__version__,
+            clients="asyncio + httpx.AsyncClient in the benchmark process; "
             "server in a child process on the same machine",
-        },
+        ),
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(output, indent=2))

@@ -9,15 +9,16 @@ cross-entropy / target-token count of the batch). Both use AdamW, freeze the vis
 clip gradients at 1.0.
 
 Both engines are set up once (model loaded, optimizer built) and then timed interleaved on the
-same pre-built batches: one discarded warm-up round per engine, then ``--rounds`` rounds of
-``reference`` then ``ours``, each timing ``--steps`` optimizer steps. Reported per engine:
+same pre-built batches: one discarded warm-up round per engine, then ``--rounds`` rounds in
+which both engines run ``--steps`` optimizer steps back to back, the order alternating
+(reference ours, ours reference, ...; see ``benchmarks/harness.py``). Reported per engine:
 samples/s of every round and their median; tokens/s and model TFLOP/s at the median. The
 ratio ours/reference is taken per round (same round, adjacent in time, so drift in machine
 load cancels as far as it can); its spread = (max - min) / median, and the run is marked
-``unstable`` when the spread exceeds ``UNSTABLE_SPREAD``: rerun on a quieter machine or with
+``unstable`` when the spread exceeds ``harness.UNSTABLE_SPREAD``: rerun on a quieter machine or with
 more ``--steps``. ``machine.loadavg_start``/``loadavg_end`` show what else was running.
 
-    .venv/bin/python benchmarks/bench_train.py --size tiny --steps 5 --batch-size 4   # CPU
+    .venv/bin/python benchmarks/bench_train.py --size tiny --steps 16 --batch-size 8   # CPU
     python benchmarks/bench_train.py --size 3b --steps 10 --batch-size 8 --rounds 7   # GPU
 
 Memory: both models and optimizers are resident for the whole run. On CUDA each engine's
@@ -38,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import tempfile
@@ -51,7 +50,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from machine import cpu_model  # benchmarks/machine.py
+from harness import MIN_ROUNDS, Machine, speedup  # benchmarks/harness.py
 from torch import nn
 
 from radgrounder.datasets import Example
@@ -60,9 +59,6 @@ from radgrounder.training.collate import image_seq_length, make_batch
 from radgrounder.training.objective import TrainingObjective
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-MIN_ROUNDS = 5
-# A per-round ratio spread ((max - min) / median) above this marks the comparison unstable.
-UNSTABLE_SPREAD = 0.25
 
 Batch = dict[str, Any]
 
@@ -212,7 +208,7 @@ def engine_report(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="tiny", choices=("tiny", "small", "3b"))
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per timed round")
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per timed round")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7, help=f"timed rounds (>= {MIN_ROUNDS})")
     parser.add_argument("--seed", type=int, default=0)
@@ -222,7 +218,7 @@ def main() -> None:
     if args.steps < 1 or args.batch_size < 1:
         parser.error("--steps and --batch-size must be positive")
 
-    loadavg_start = os.getloadavg()
+    machine = Machine()
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -252,15 +248,14 @@ def main() -> None:
 
     for engine in engines:
         run_round(engine, batches, device, record=False)
-    for _ in range(args.rounds):
-        for engine in engines:
+    for r in range(args.rounds):  # the order alternates: drift within a round cancels
+        for engine in engines if r % 2 == 0 else engines[::-1]:
             run_round(engine, batches, device, record=True)
 
     reference, ours = engines
-    ratios = [r / o for r, o in zip(reference.seconds, ours.seconds, strict=True)]
-    ratio_median = statistics.median(ratios)
-    spread = (max(ratios) - min(ratios)) / ratio_median
+    ratio = speedup({"reference": reference.seconds, "ours": ours.seconds}, "reference", "ours")
     result: dict[str, Any] = {
+        "benchmark": "train",
         "size": args.size,
         "batch_size": args.batch_size,
         "steps_per_round": args.steps,
@@ -273,28 +268,21 @@ def main() -> None:
             e.name: engine_report(e, args.batch_size, args.steps, tokens, flops, device)
             for e in engines
         },
-        "ratio_rounds": [round(v, 3) for v in ratios],
-        "ratio": {
-            "median": round(ratio_median, 3),
-            "min": round(min(ratios), 3),
-            "max": round(max(ratios), 3),
-            "spread": round(spread, 3),
+        "comparisons": {
+            "ours_over_reference_samples_per_s": {
+                "what": "training samples/s, ours / the reference's engine",
+                **ratio,
+            }
         },
-        "unstable": spread > UNSTABLE_SPREAD,
-        "unstable_threshold": UNSTABLE_SPREAD,
+        "unstable": ratio["unstable"],
     }
     if device == "cpu":
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result["process_peak_rss_mb"] = round(rss_mb, 1)
-    result["machine"] = {
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-        "platform": platform.platform(),
-        "loadavg_start": [round(v, 2) for v in loadavg_start],
-        "loadavg_end": [round(v, 2) for v in os.getloadavg()],
-    }
+    result["machine"] = machine.report(
+        gpu=torch.cuda.get_device_name() if device == "cuda" else None,
+        torch_threads=torch.get_num_threads(),
+    )
     print(json.dumps(result, indent=2))
 
 

@@ -10,7 +10,7 @@ Rank 0's micro-batches carry masks, rank 1's none (the case that used to hang). 
 ``zero_pass``: the training objective runs the head once with weight zero on a rank without
 masks, DDP as configured by the recipe (``find_unused_parameters=False``). (b) ``find_unused``:
 no extra pass, DDP searches the autograd graph for unused parameters after every forward.
-The two are timed interleaved (one discarded warm-up round each, then A B A B …); rank 0
+The two are timed interleaved (one discarded warm-up round each, then A B, B A, …); rank 0
 prints JSON with per-round step times, medians and the per-round ratio find_unused/zero_pass
 (> 1: the zero-weighted pass is cheaper).
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -28,15 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from machine import cpu_model  # benchmarks/machine.py
+from harness import Machine, spread_report  # benchmarks/harness.py
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from radgrounder.datasets import Example
 from radgrounder.modeling import init_model, load_model
 from radgrounder.training.collate import make_batch
 from radgrounder.training.objective import TrainingObjective
-
-UNSTABLE_SPREAD = 0.25
 
 
 def examples(n: int, with_masks: bool, seed: int) -> list[Example]:
@@ -65,7 +62,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_flush_denormal(True)
-    load_start = os.getloadavg()
+    machine = Machine()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"m{rank}"
         init_model(args.size, "segmentation", path, seed=0)
@@ -107,14 +104,16 @@ def main() -> None:
         for name in engines:  # warm-up, discarded
             timed(name)
         rounds: dict[str, list[float]] = {name: [] for name in engines}
-        for _ in range(args.rounds):
-            for name in engines:
+        names = list(engines)
+        for r in range(args.rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
                 rounds[name].append(timed(name))
-    ratios = [u / z for u, z in zip(rounds["find_unused"], rounds["zero_pass"], strict=True)]
-    med = statistics.median(ratios)
-    spread = (max(ratios) - min(ratios)) / med
+    ratio = spread_report(
+        [u / z for u, z in zip(rounds["find_unused"], rounds["zero_pass"], strict=True)]
+    )
     if rank == 0:
         result = {
+            "benchmark": "unused_params",
             "size": args.size,
             "batch_size": args.batch_size,
             "processes": dist.get_world_size(),
@@ -122,21 +121,14 @@ def main() -> None:
             "rounds": args.rounds,
             "step_s": {k: [round(x, 4) for x in v] for k, v in rounds.items()},
             "median_step_s": {k: round(statistics.median(v), 4) for k, v in rounds.items()},
-            "ratio_find_unused_over_zero_pass": {
-                "rounds": [round(r, 3) for r in ratios],
-                "median": round(med, 3),
-                "min": round(min(ratios), 3),
-                "max": round(max(ratios), 3),
-                "spread": round(spread, 3),
+            "comparisons": {
+                "find_unused_over_zero_pass_step_s": {
+                    "what": "DDP step time, find_unused_parameters / zero-weighted head pass",
+                    **ratio,
+                }
             },
-            "unstable": spread > UNSTABLE_SPREAD,
-            "machine": {
-                "cpu_model": cpu_model(),
-                "cpu_count": os.cpu_count(),
-                "torch": torch.__version__,
-                "loadavg_start": load_start,
-                "loadavg_end": os.getloadavg(),
-            },
+            "unstable": ratio["unstable"],
+            "machine": machine.report(),
         }
         print(json.dumps(result, indent=2))
     dist.destroy_process_group()
