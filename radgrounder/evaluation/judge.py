@@ -128,7 +128,9 @@ RESPONSE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "score": {"type": "integer", "enum": [1, 2, 3, 4, 5]},
-        "reason": {"type": "string"},
+        # Bounded, so a constrained reply always closes within max_tokens (llama.cpp answers
+        # HTTP 500 for a reply cut off inside its grammar).
+        "reason": {"type": "string", "maxLength": 400},
     },
     "required": ["score", "reason"],
     "additionalProperties": False,
@@ -209,7 +211,7 @@ class LLMJudge:
         backoff: float = 1.0,
         max_backoff: float = 30.0,
         seed: int = 42,
-        max_tokens: int = 256,
+        max_tokens: int = 512,
         json_mode: str = "json_schema",
     ) -> None:
         self._client = ChatClient(

@@ -67,7 +67,7 @@ def test_request_carries_prompt_seed_and_schema(server: FakeJudgeServer) -> None
     schema = fmt["json_schema"]["schema"]
     assert schema["required"] == ["score", "reason"] and schema["additionalProperties"] is False
     assert schema["properties"]["score"] == {"type": "integer", "enum": [1, 2, 3, 4, 5]}
-    assert schema["properties"]["reason"] == {"type": "string"}
+    assert schema["properties"]["reason"] == {"type": "string", "maxLength": 400}
 
     messages = body["messages"]
     assert messages[0] == {"role": "system", "content": SYSTEM_PROMPT}
