@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from machine import cpu_model  # benchmarks/machine.py
+from harness import cpu_model  # benchmarks/harness.py
 
 from radgrounder.datasets import Example
 from radgrounder.modeling import init_model, load_model

@@ -26,6 +26,8 @@ from typing import Any
 
 from radgrounder.errors import RadGrounderError
 
+DEFAULT_CONCURRENCY = 4
+
 
 class RetryableError(Exception):
     """An attempt worth repeating; ``wait`` (from a Retry-After header, as servers send with 429
@@ -164,6 +166,16 @@ class ChatClient:
             return json.loads(raw)
         except ValueError:
             raise RetryableError(f"response body is not JSON: {excerpt(raw)!r}") from None
+
+    def concurrency(self, requested: int | None) -> tuple[int, str]:
+        """Requests to keep in flight and where the number came from: ``requested``
+        (``"argument"``), else the server's parallel slots (``"server"``), else
+        ``DEFAULT_CONCURRENCY`` (``"default"``), at or below common servers' slot counts
+        (llama-server 4 by default, Ollama often 1-4), so requests do not wait in a queue."""
+        if requested is not None:
+            return requested, "argument"
+        slots = self.server_slots()
+        return (slots, "server") if slots else (DEFAULT_CONCURRENCY, "default")
 
     def server_slots(self) -> int | None:
         """How many requests the server works on at once, where it says so (llama.cpp's

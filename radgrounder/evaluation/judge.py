@@ -31,7 +31,6 @@ from radgrounder.chat_client import (
 from radgrounder.errors import RadGrounderError
 
 KINDS = ("vqa", "report")
-DEFAULT_CONCURRENCY = 4
 JSON_MODES = ("json_schema", "json_object", "none")
 _MISCONFIGURED = {
     401: "check the API key",
@@ -239,12 +238,10 @@ class LLMJudge:
         self.seed, self.max_tokens, self.json_mode = seed, max_tokens, json_mode
 
     def resolve_concurrency(self) -> int:
-        """The requests in flight: as given, else the server's slots, else 4."""
-        if self.concurrency is None:
-            slots = self._client.server_slots()
-            self.concurrency = slots or DEFAULT_CONCURRENCY
-            self.concurrency_source = "server" if slots else "default"
-        return self.concurrency
+        """The requests in flight (see :meth:`ChatClient.concurrency`), asked once."""
+        if self.concurrency_source is None:
+            self.concurrency, self.concurrency_source = self._client.concurrency(None)
+        return int(self.concurrency)
 
     def score(self, items: Sequence[JudgeItem], *, progress: bool = True) -> list[JudgeResult]:
         """One result per item, in the order of ``items``, ``concurrency`` requests at a time.

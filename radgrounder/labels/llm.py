@@ -63,9 +63,6 @@ class _Outcome:
 
 
 RESPONSE_FORMATS = ("json_schema", "json_object", "none")
-# Without word from the server, requests in flight: at or below the parallel slots of common
-# servers (llama-server 4 by default, Ollama often 1-4), so requests do not time out in a queue.
-DEFAULT_CONCURRENCY = 4
 
 
 class LLMExtractor:
@@ -131,12 +128,10 @@ class LLMExtractor:
         self._categories = frozenset(load_schema().names)
 
     def resolve_concurrency(self) -> int:
-        """The requests in flight: as given, else the server's slots, else the default."""
-        if self.concurrency is None:
-            slots = self._client.server_slots()
-            self.concurrency = slots or DEFAULT_CONCURRENCY
-            self.concurrency_source = "server" if slots else "default"
-        return self.concurrency
+        """The requests in flight (see :meth:`ChatClient.concurrency`), asked once."""
+        if self.concurrency_source is None:
+            self.concurrency, self.concurrency_source = self._client.concurrency(None)
+        return int(self.concurrency)
 
     def extract(self, sentence: str, language: str) -> list[Mention]:
         """The mentions in one sentence; raises RadGrounderError with the reason on failure."""
