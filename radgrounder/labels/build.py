@@ -157,20 +157,10 @@ def _fingerprint(*parts: Any) -> str:
 def _run_jobs(
     jobs: list[ScanJob], opts: BuildOptions, on_done: Callable[[ScanResult], None]
 ) -> None:
+    """Run every job and report each result; a job whose worker dies (kill -9, out of memory,
+    a task Ray gave up on) is retried once, then reported as failed: never an abort."""
     if opts.executor == "ray":
-        try:
-            import ray  # type: ignore[import-not-found]
-        except ImportError as exc:
-            raise RadGrounderError(
-                "executor ray: Ray is not installed (pip install 'radgrounder[ray]')"
-            ) from exc
-        if not ray.is_initialized():
-            ray.init(ignore_reinit_error=True, log_to_driver=False)
-        remote = ray.remote(build_scan)
-        pending = [remote.remote(job) for job in jobs]
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            on_done(ray.get(ready[0]))
+        _run_ray(jobs, on_done)
         return
     if opts.workers <= 1 or len(jobs) <= 1:
         for job in jobs:
@@ -178,12 +168,51 @@ def _run_jobs(
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
-    # spawn: forking a process that already holds threads (torch, BLAS) can deadlock.
-    with ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(build_scan, job) for job in jobs]
-        for fut in as_completed(futures):
-            on_done(fut.result())
+    pending = list(jobs)
+    for _ in range(2):
+        lost: list[ScanJob] = []
+        # spawn: forking a process that already holds threads (torch, BLAS) can deadlock.
+        with ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(build_scan, job): job for job in pending}
+            for fut in as_completed(futures):
+                try:
+                    result = fut.result()
+                except BrokenProcessPool:  # a worker died: every unfinished job comes back
+                    lost.append(futures[fut])
+                    continue
+                on_done(result)
+        pending = lost
+        if not pending:
+            return
+    for job in pending:
+        on_done(ScanResult(job.scan_id, False, error=_DIED))
+
+
+_DIED = "its worker process died twice (killed, or out of memory?)"
+
+
+def _run_ray(jobs: list[ScanJob], on_done: Callable[[ScanResult], None]) -> None:
+    try:
+        import ray  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise RadGrounderError(
+            "executor ray: Ray is not installed (pip install 'radgrounder[ray]')"
+        ) from exc
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    remote = ray.remote(max_retries=1)(build_scan)
+    refs = {remote.remote(job): job for job in jobs}
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        job = refs[ready[0]]
+        try:
+            on_done(ray.get(ready[0]))
+        except Exception as exc:  # the task's worker died more often than Ray retries
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            on_done(ScanResult(job.scan_id, False, error=f"Ray task failed: {reason}"))
 
 
 def build_dataset(
@@ -205,7 +234,9 @@ def build_dataset(
         raise RadGrounderError(f"executor: unknown value {opts.executor!r}")
     if opts.workers < 1:
         raise RadGrounderError(f"workers: must be >= 1, got {opts.workers}")
-    scans_dir, labels_dir, out = Path(scans_dir), Path(labels_dir), Path(out_dir)
+    # Absolute on the driver: a worker (a Ray node, a pool process) may run in another folder.
+    scans_dir, labels_dir = Path(scans_dir).absolute(), Path(labels_dir).absolute()
+    out = Path(out_dir).absolute()
     if not labels_dir.is_dir():
         raise RadGrounderError("label folder not found", path=labels_dir)
     report_list = list(reports) if not isinstance(reports, str | Path) else read_reports(reports)

@@ -262,3 +262,47 @@ def test_grounded_from_row_rebuilds_the_target_with_masks(built):
         for cid in span.meta["class_ids"]:
             expected |= group_mask(labels, cid)
         assert np.array_equal(span.mask, expected)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+def test_a_killed_pool_worker_never_aborts_the_build(tmp_path):
+    scans, labels = small_layout(tmp_path)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "radgrounder", "labels", "build", "--scans", str(scans),
+         "--labels", str(labels), "--reports", str(REPORTS), "--out", str(out),
+         "--workers", "2", "--no-vqa"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    # Kill one pool worker while scans are still being built (the pool's two processes are
+    # grandchildren: the resource tracker is a child too and never builds anything).
+    deadline, killed = time.time() + 120, None
+    while time.time() < deadline and killed is None and proc.poll() is None:
+        workers = [c for c in _children(proc.pid) if "spawn_main" in _cmdline(c)]
+        if len(workers) == 2 and (out / "state").is_dir():
+            killed = workers[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    _, stderr = proc.communicate(timeout=300)
+    assert killed is not None, "the build finished before a worker could be killed"
+    assert "Traceback" not in stderr and proc.returncode in (0, 3), stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "build_report.json").read_text())
+    # Every scan is accounted for: built (the killed worker's scans were retried) or failed.
+    assert set(manifest["sources"]) | set(report["failed_scans"]) == set(SMALL)
+    assert set(manifest["sources"]) == set(SMALL) or proc.returncode == 3
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
