@@ -495,7 +495,6 @@ def labels_keywords(
         llm = _llm_options(api_key_file, response_format, concurrency, timeout, connect_timeout)
         llm.update(max_retries=max_retries, backoff=backoff)
     items = sentence_items(read_reports(reports), text_mode=text_mode)
-    llm = llm
     results = extract_keywords(
         items,
         backend=backend,
