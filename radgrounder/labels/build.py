@@ -201,7 +201,13 @@ def _run_ray(jobs: list[ScanJob], on_done: Callable[[ScanResult], None]) -> None
             "executor ray: Ray is not installed (pip install 'radgrounder[ray]')"
         ) from exc
     if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
+        try:
+            ray.init(ignore_reinit_error=True, log_to_driver=False)
+        except ConnectionError as exc:
+            where = os.environ.get("RAY_ADDRESS") or "the local machine"
+            raise RadGrounderError(
+                f"executor ray: cannot reach the cluster at {where}: {exc}"
+            ) from None
     remote = ray.remote(max_retries=1)(build_scan)
     refs = {remote.remote(job): job for job in jobs}
     pending = list(refs)

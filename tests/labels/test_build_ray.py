@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -38,6 +39,10 @@ def _pids_using(folder: str) -> list[int]:
     return pids
 
 
+# Ray >= 2.59 authenticates with a token by default; the head and the driver share this one.
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+
+
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[str]:
     # A short folder: Ray's socket paths live under it and must stay below 108 bytes.
@@ -48,8 +53,9 @@ def ray_head() -> Iterator[str]:
     ray = Path(sys.executable).with_name("ray")
     started = subprocess.run(
         [str(ray), "start", "--head", f"--temp-dir={folder}/t", f"--port={port}",
-         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
-        cwd=folder, capture_output=True, text=True, timeout=180,
+         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false",
+         "--disable-usage-stats"],
+        cwd=folder, capture_output=True, text=True, timeout=180, env={**os.environ, **AUTH},
     )  # fmt: skip
     try:
         assert started.returncode == 0, started.stderr[-2000:]
@@ -73,7 +79,7 @@ def test_a_ray_build_from_another_folder_equals_the_local_one(ray_head: str, tmp
     args = ["--scans", "lay/scans", "--labels", "lay/labels", "--reports", "lay/reports.jsonl",
             "--no-vqa"]  # fmt: skip
     cmd = [sys.executable, "-m", "radgrounder", "labels", "build", *args]
-    env = {**os.environ, "RAY_ADDRESS": ray_head}
+    env = {**os.environ, **AUTH, "RAY_ADDRESS": ray_head}
     on_ray = subprocess.run([*cmd, "--out", "out_ray", "--executor", "ray"], cwd=client,
                             env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert on_ray.returncode == 0, on_ray.stderr[-3000:]
