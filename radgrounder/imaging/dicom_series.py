@@ -38,6 +38,10 @@ from radgrounder.imaging.volume import (
 )
 
 
+class SeveralSeries(RadGrounderError):
+    """A folder read without ``series_uid`` holds more than one series."""
+
+
 def _files(folder: Path) -> list[Path]:
     """Every file under ``folder``, nested exports (PATIENT/STUDY/SERIES, DICOMDIR trees)
     included, in a stable order; links to folders are not followed."""
@@ -185,7 +189,7 @@ def _read_series(
             )
         uid = series_uid
     elif len(groups) > 1:
-        raise RadGrounderError(
+        raise SeveralSeries(
             f"folder holds {len(groups)} series; pick one with series_uid: {_describe(groups)}",
             path=folder,
         )

@@ -14,6 +14,7 @@ from radgrounder.errors import RadGrounderError
 from radgrounder.fileio import atomic_write_json, sha256_file, stable_int
 from radgrounder.grounding import GroundedText, codec
 from radgrounder.imaging import Volume, list_series, load_scan, read_label_map
+from radgrounder.imaging.dicom_series import SeveralSeries
 from radgrounder.labels.dataset import SAMPLE_SCHEMA, SLICE_SCHEMA, spans_to_json, write_table
 from radgrounder.labels.regions import (
     extract_regions,
@@ -118,9 +119,10 @@ def _load_matching_scan(job: ScanJob, labels: Volume) -> tuple[Volume, str]:
     path = Path(job.scan_path)
     if job.series_uid is not None or not path.is_dir():
         return load_scan(path, modality=modality, series_uid=job.series_uid), "option"
-    series = list_series(path)
-    if len(series) <= 1:
+    try:  # one pass over the folder's headers in the common case of one series
         return load_scan(path, modality=modality), "only series"
+    except SeveralSeries:
+        series = list_series(path)
     # A label map is made from one series: the series on its grid is the one it labels.
     want = sorted(labels.shape[:3])
     matches = []

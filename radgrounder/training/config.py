@@ -354,6 +354,15 @@ SOURCE_TASKS = ("grounded-report", "grounded-vqa", "report", "vqa")
 LANGUAGES = ("en", "de")
 
 
+def _check_choices(field: str, values: list[str], allowed: Any, expected: str) -> None:
+    """A non-empty list whose every value is in ``allowed``, else one error naming ``field``."""
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise RadGrounderError(
+            f"{field}: unknown {bad} (expected {expected})" if bad else f"{field}: empty"
+        )
+
+
 def _validate_source(src: SourceConfig, where: str) -> None:
     if src.kind not in ("built", "slake", "vqa_rad", "refrad2d"):
         raise RadGrounderError(
@@ -368,20 +377,8 @@ def _validate_source(src: SourceConfig, where: str) -> None:
         raise RadGrounderError(
             f"{where}.split: unknown {src.split!r} for {src.kind} (expected {', '.join(splits)})"
         )
-    bad = [t for t in src.tasks if t not in SOURCE_TASKS]
-    if bad or not src.tasks:
-        raise RadGrounderError(
-            f"{where}.tasks: unknown {bad} (expected some of {', '.join(SOURCE_TASKS)})"
-            if bad
-            else f"{where}.tasks: empty"
-        )
-    bad = [lang for lang in src.languages if lang not in LANGUAGES]
-    if bad or not src.languages:
-        raise RadGrounderError(
-            f"{where}.languages: unknown {bad} (expected en and/or de)"
-            if bad
-            else f"{where}.languages: empty"
-        )
+    _check_choices(f"{where}.tasks", src.tasks, SOURCE_TASKS, f"some of {', '.join(SOURCE_TASKS)}")
+    _check_choices(f"{where}.languages", src.languages, LANGUAGES, "en and/or de")
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
