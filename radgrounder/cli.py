@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -991,13 +992,52 @@ def predict(
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ...")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16.")] = None,
+    archive: Annotated[
+        bool,
+        typer.Option(
+            "--archive",
+            help="Treat the folder as an archive even when it holds one series "
+            "(OUT/<key>/ per scan, OUT/manifest.jsonl).",
+        ),
+    ] = False,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(help="Archive: only files whose relative path matches this glob."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Archive: the first N scans.")] = None,
+    executor: Annotated[str, typer.Option(help="Archive: local or ray.")] = "local",
+    workers: Annotated[
+        int, typer.Option(help="Archive on Ray without GPUs: model actors (one per GPU else).")
+    ] = 1,
 ) -> None:
     """Run a model on a scan: predictions.jsonl, one overlay PNG per slice, mask PNGs,
-    series.json for several slices, optionally a DICOM SEG/SR referencing the series."""
+    series.json for several slices, optionally a DICOM SEG/SR referencing the series.
+
+    Given a folder tree that holds more than one scan (DICOM series, NIfTI volumes,
+    pictures; or any folder with --archive), every scan is predicted on all slices into
+    OUT/<key>/, with OUT/manifest.jsonl listing each scan's status; a rerun resumes."""
     # The paths first: they need no import of the (slow to import) model code.
     _check_input(input_path)
     _check_output(out, "--out")
     _check_model(model)
+    _choice("--executor", executor, ("local", "ray"))
+    _at_least("--workers", workers, 1)
+    if limit is not None:
+        _at_least("--limit", limit, 1)
+    found = None
+    if input_path.is_dir() and series_uid is None:
+        from radgrounder.inference.archive import discover
+
+        found = discover(input_path, include=include or (), exclude_dirs=[out])
+        one_series = len(found.jobs) == 1 and found.jobs[0].kind == "dicom-series"
+        if one_series and not archive and not include and limit is None:
+            found = None
+    elif archive:
+        raise typer.BadParameter("--archive needs a folder (and no --series-uid)")
+    if found is None and (include or limit is not None or executor != "local"):
+        raise typer.BadParameter(
+            "--include, --limit and --executor apply to an archive folder (see --archive)"
+        )
     from radgrounder.imaging import WINDOWS
     from radgrounder.inference import LANGUAGES, TASKS
     from radgrounder.inference.outputs import EXPORTS, run_predict
@@ -1012,6 +1052,18 @@ def predict(
     _at_least("--max-new-tokens", max_new_tokens, 1)
     _at_least("--max-prompt-tokens", max_prompt_tokens, 1)
     _check_dtype(dtype)
+    if found is not None:
+        if slice_index is not None or export is not None:
+            raise typer.BadParameter("--slice and --export apply to one scan, not an archive")
+        _predict_archive(
+            model, input_path, out, task=task, language=language, modality=modality,
+            window=window, max_new_tokens=max_new_tokens, question=question,
+            structures=structures, clinical_info=clinical_info,
+            clinical_question=clinical_question, include=include or (), limit=limit,
+            executor=executor, workers=workers, batch_size=batch_size, device=device,
+            dtype=dtype, max_prompt_tokens=max_prompt_tokens, found=found,
+        )  # fmt: skip
+        return
     # The model is loaded on the first prediction, after the scan has been read and checked.
     predictor = _LazyPredictor(
         model,
@@ -1042,6 +1094,52 @@ def predict(
     typer.echo(f"{run.n} prediction(s) -> {_printable(str(run.out))}")
     for name, path in run.files.items():
         typer.echo(f"  {name}: {_printable(str(path))}")
+
+
+def _predict_archive(
+    model: str,
+    archive: Path,
+    out: Path,
+    *,
+    structures: str | None,
+    include: Sequence[str],
+    limit: int | None,
+    executor: str,
+    workers: int,
+    batch_size: int,
+    device: str | None,
+    dtype: str | None,
+    max_prompt_tokens: int,
+    found: Any,
+    **settings: Any,
+) -> None:
+    from radgrounder.inference.archive import ArchiveSettings, predict_archive
+
+    names = tuple(x.strip() for x in structures.split(",") if x.strip()) if structures else None
+    opts = ArchiveSettings(structures=names, **settings)
+    shown = min(len(found.jobs), limit) if limit else len(found.jobs)
+    typer.echo(f"archive: {shown} scan(s) in {_printable(str(archive))} -> {_printable(str(out))}")
+
+    def on_job(line: dict[str, Any]) -> None:
+        if line["status"] == "failed":
+            where = ", ".join(line["sources"])
+            typer.echo(f"failed: {line['key']} ({where}): {_one_line(line['reason'])}", err=True)
+
+    report = predict_archive(
+        model, archive, out, opts, include=include, limit=limit, executor=executor,
+        workers=workers, batch_size=batch_size, device=device, dtype=dtype,
+        max_prompt_tokens=max_prompt_tokens, progress=sys.stderr.isatty(), on_job=on_job,
+        found=found,
+    )  # fmt: skip
+    for key, notes in report.warnings.items():
+        _warn(notes, f"{key}: ")
+    typer.echo(
+        f"scans done {report.done}, resumed {report.resumed}, failed {len(report.failed)}, "
+        f"skipped files {report.skipped}; model loads {report.model_loads}; "
+        f"{report.seconds:.1f} s -> {_printable(str(out / 'manifest.jsonl'))}"
+    )
+    if report.failed:
+        raise typer.Exit(3)
 
 
 @app.command(epilog=_example("radgrounder serve --model runs/tiny-cpu/final --port 8000"))

@@ -5,7 +5,7 @@ anterior→posterior and patient right→left ("SPL"), i.e. the radiological axi
 """
 
 from radgrounder.imaging.dicom import read_dicom
-from radgrounder.imaging.dicom_series import list_series, read_dicom_series
+from radgrounder.imaging.dicom_series import list_series, read_dicom_files, read_dicom_series
 from radgrounder.imaging.load import ScanInfo, inspect_scan, load_scan
 from radgrounder.imaging.nifti import nifti_label_names, read_label_map, read_nifti
 from radgrounder.imaging.normalize import (
@@ -42,6 +42,7 @@ __all__ = [
     "preprocess_rgb_image",
     "preprocess_slice",
     "read_dicom",
+    "read_dicom_files",
     "read_dicom_series",
     "read_image",
     "read_label_map",

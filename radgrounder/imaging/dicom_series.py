@@ -72,9 +72,15 @@ def _headerless_dicom(p: Path) -> Dataset | None:
 def _scan_folder(folder: Path) -> tuple[dict[str, list[tuple[Path, Dataset]]], list[str]]:
     """Image datasets grouped by SeriesInstanceUID, plus the (relative) names of skipped
     files, for ``folder`` and every folder below it."""
+    return _scan_files(_files(folder), folder)
+
+
+def _scan_files(
+    files: list[Path], folder: Path
+) -> tuple[dict[str, list[tuple[Path, Dataset]]], list[str]]:
     groups: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
     skipped: list[str] = []
-    for p in _files(folder):
+    for p in files:
         if not has_dicm_prefix(p):
             ds = _headerless_dicom(p)
             if ds is None:
@@ -174,10 +180,31 @@ def read_dicom_series(
         return _read_series(folder, series_uid, modality, max_voxels)
 
 
-def _read_series(
-    folder: Path, series_uid: str | None, modality: str | None, max_voxels: int | None = None
+def read_dicom_files(
+    files: list[PathType],
+    *,
+    series_uid: str | None = None,
+    modality: str | None = None,
+    max_voxels: int | None = None,
 ) -> Volume:
-    groups, skipped = _scan_folder(folder)
+    """Read one series from the DICOM files ``files`` (which may lie in several folders: an
+    archive's series split over two exports); the volume's source is their common folder."""
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise RadGrounderError("read_dicom_files: no files given")
+    folder = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    with malformed_tags(folder):
+        return _read_series(folder, series_uid, modality, max_voxels, files=paths)
+
+
+def _read_series(
+    folder: Path,
+    series_uid: str | None,
+    modality: str | None,
+    max_voxels: int | None = None,
+    files: list[Path] | None = None,
+) -> Volume:
+    groups, skipped = _scan_folder(folder) if files is None else _scan_files(files, folder)
     if not groups:
         raise RadGrounderError(
             f"no DICOM image files in folder ({len(skipped)} other files skipped)", path=folder

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -59,11 +59,18 @@ def write_predictions(
     *,
     window: str = "soft_tissue",
     overlays: bool = True,
+    write: Callable[[str, bytes], None] | None = None,
 ) -> dict[str, Path]:
     """Write ``predictions.jsonl``, overlays and mask PNGs for ``predictions`` (one per
-    slice, same order); every file is written atomically."""
+    slice, same order); every file is written atomically (or handed to ``write`` with its
+    path relative to ``out``)."""
     from radgrounder.anatomy import load_schema
     from radgrounder.visualize import render_overlay
+
+    if write is None:
+
+        def write(rel: str, data: bytes) -> None:
+            atomic_write_bytes(out / rel, data)
 
     lines = []
     for pred, sl in zip(predictions, slices, strict=True):
@@ -72,7 +79,7 @@ def write_predictions(
         for n, span in enumerate(pred.grounded.spans):
             if span.mask is not None:
                 rel = f"masks/{tag}_span{n:02d}.png"
-                atomic_write_bytes(out / rel, _png(np.asarray(span.mask, np.uint8) * 255))
+                write(rel, _png(np.asarray(span.mask, np.uint8) * 255))
                 record["spans"][n]["mask"] = rel
         if overlays:
             rel = f"overlays/{tag}.png"
@@ -84,11 +91,30 @@ def write_predictions(
                                  title=title)  # fmt: skip
             buf = io.BytesIO()
             pic.save(buf, format="PNG")
-            atomic_write_bytes(out / rel, buf.getvalue())
+            write(rel, buf.getvalue())
             record["overlay"] = rel
         lines.append(json.dumps(record, ensure_ascii=False))
-    atomic_write_bytes(out / "predictions.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
+    write("predictions.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
     return {"predictions": out / "predictions.jsonl"}
+
+
+def model_inputs(
+    volume: Volume, input_path: str | Path, indices: Sequence[int]
+) -> tuple[list[Slice], list[Any]]:
+    """The slices ``indices`` of ``volume`` (for the overlays) and what the model is given
+    for them: the slices, or for a colour picture without a modality the file itself."""
+    slices = [replace(volume.slice(k), source=str(input_path)) for k in indices]
+    if volume.kind == "image" and volume.modality is None:
+        return slices, [Path(input_path)]
+    return slices, list(slices)
+
+
+def series_summary(volume: Volume, preds: Sequence[Any]) -> dict[str, Any]:
+    """``series.json``: the volume's geometry and the 3-D structures of ``preds``."""
+    from radgrounder.inference.series import SeriesPrediction, aggregate_structures
+
+    structures = aggregate_structures(preds, volume.affine)
+    return SeriesPrediction(volume, list(preds), structures).to_dict()
 
 
 def run_predict(
@@ -121,20 +147,13 @@ def run_predict(
     if export and volume.kind != "dicom-series":
         raise RadGrounderError("--export needs a DICOM series folder as input", path=input_path)
     indices = select_slices(volume, slice_index, all_slices)
-    slices = [replace(volume.slice(k), source=str(input_path)) for k in indices]
-    if volume.kind == "image" and volume.modality is None:
-        preds = predictor.predict([Path(input_path)], task, language,
-                                  max_new_tokens=max_new_tokens, **task_fields)  # fmt: skip
-    else:
-        preds = predictor.predict(slices, task, language, max_new_tokens=max_new_tokens,
-                                  **task_fields)  # fmt: skip
+    slices, inputs = model_inputs(volume, input_path, indices)
+    preds = predictor.predict(inputs, task, language, max_new_tokens=max_new_tokens,
+                              **task_fields)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     files = write_predictions(out, preds, slices, window=window)
     if len(indices) > 1 or export:
-        from radgrounder.inference.series import SeriesPrediction, aggregate_structures
-
-        series = SeriesPrediction(volume, preds, aggregate_structures(preds, volume.affine))
-        atomic_write_json(out / "series.json", series.to_dict())
+        atomic_write_json(out / "series.json", series_summary(volume, preds))
         files["series"] = out / "series.json"
     if export:
         files[export] = _export(export, Path(input_path), volume, preds, out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import numpy as np
 
 import radgrounder
 from radgrounder.errors import RadGrounderError
+from radgrounder.executor import check_executor, run_tasks
 from radgrounder.fileio import atomic_write_json, sha256_tree
 from radgrounder.imaging.nifti import is_nifti_path
 from radgrounder.labels.dataset import SPLITS
@@ -22,8 +23,6 @@ from radgrounder.labels.names import is_utf8, printable
 from radgrounder.labels.regions import SLICE_AXES
 from radgrounder.labels.reports import Report, read_reports
 from radgrounder.labels.scanjob import ScanJob, ScanResult, build_scan
-
-EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -154,73 +153,6 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _run_jobs(
-    jobs: list[ScanJob], opts: BuildOptions, on_done: Callable[[ScanResult], None]
-) -> None:
-    """Run every job and report each result; a job whose worker dies (kill -9, out of memory,
-    a task Ray gave up on) is retried once, then reported as failed: never an abort."""
-    if opts.executor == "ray":
-        _run_ray(jobs, on_done)
-        return
-    if opts.workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            on_done(build_scan(job))
-        return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
-
-    pending = list(jobs)
-    for _ in range(2):
-        lost: list[ScanJob] = []
-        # spawn: forking a process that already holds threads (torch, BLAS) can deadlock.
-        with ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(build_scan, job): job for job in pending}
-            for fut in as_completed(futures):
-                try:
-                    result = fut.result()
-                except BrokenProcessPool:  # a worker died: every unfinished job comes back
-                    lost.append(futures[fut])
-                    continue
-                on_done(result)
-        pending = lost
-        if not pending:
-            return
-    for job in pending:
-        on_done(ScanResult(job.scan_id, False, error=_DIED))
-
-
-_DIED = "its worker process died twice (killed, or out of memory?)"
-
-
-def _run_ray(jobs: list[ScanJob], on_done: Callable[[ScanResult], None]) -> None:
-    try:
-        import ray  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise RadGrounderError(
-            "executor ray: Ray is not installed (pip install 'radgrounder[ray]')"
-        ) from exc
-    if not ray.is_initialized():
-        try:
-            ray.init(ignore_reinit_error=True, log_to_driver=False)
-        except ConnectionError as exc:
-            where = os.environ.get("RAY_ADDRESS") or "the local machine"
-            raise RadGrounderError(
-                f"executor ray: cannot reach the cluster at {where}: {exc}"
-            ) from None
-    remote = ray.remote(max_retries=1)(build_scan)
-    refs = {remote.remote(job): job for job in jobs}
-    pending = list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        job = refs[ready[0]]
-        try:
-            on_done(ray.get(ready[0]))
-        except Exception as exc:  # the task's worker died more often than Ray retries
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            on_done(ScanResult(job.scan_id, False, error=f"Ray task failed: {reason}"))
-
-
 def build_dataset(
     scans_dir: str | Path,
     labels_dir: str | Path,
@@ -236,10 +168,7 @@ def build_dataset(
     opts = options or BuildOptions()
     if opts.slice_axis not in SLICE_AXES:
         raise RadGrounderError(f"slice_axis: unknown value {opts.slice_axis!r}")
-    if opts.executor not in EXECUTORS:
-        raise RadGrounderError(f"executor: unknown value {opts.executor!r}")
-    if opts.workers < 1:
-        raise RadGrounderError(f"workers: must be >= 1, got {opts.workers}")
+    check_executor(opts.executor, opts.workers)
     # Absolute on the driver: a worker (a Ray node, a pool process) may run in another folder.
     scans_dir, labels_dir = Path(scans_dir).absolute(), Path(labels_dir).absolute()
     out = Path(out_dir).absolute()
@@ -357,7 +286,13 @@ def build_dataset(
                 failed[res.scan_id] = printable(res.error or "unknown error")
             bar.advance(task)
 
-        _run_jobs(jobs, opts, on_done)
+        def on_lost(job: ScanJob, reason: str) -> None:
+            on_done(ScanResult(job.scan_id, False, error=reason))
+
+        # A job whose worker dies (kill -9, out of memory, a task Ray gave up on) is retried
+        # once, then reported as failed: never an abort.
+        run_tasks(build_scan, jobs, executor=opts.executor, workers=opts.workers,
+                  on_done=on_done, on_lost=on_lost)  # fmt: skip
 
     manifest = _manifest(jobs, per_scan, splits, scans, labels, config, sentence_failures)
     manifest["n_sentences"] = len(items)
