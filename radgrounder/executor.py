@@ -74,28 +74,46 @@ def run_tasks(
         for job in jobs:
             on_done(fn(job))
         return
+    # A dead worker breaks the whole pool: every unfinished job comes back, the culprit among
+    # them. Those are rerun; a job lost twice runs alone in a pool of its own, so that only a
+    # job that kills its own worker is reported lost, never its neighbours.
+    strikes = [0] * len(jobs)
+    pending = list(range(len(jobs)))
+    while pending:
+        shared = [i for i in pending if strikes[i] < 2]
+        lost = _pool_round(fn, jobs, shared, workers, on_done) if shared else []
+        for i in (i for i in pending if strikes[i] >= 2):
+            if _pool_round(fn, jobs, [i], 1, on_done):
+                on_lost(jobs[i], DIED)
+        for i in lost:
+            strikes[i] += 1
+        pending = lost
+
+
+def _pool_round(
+    fn: Callable[[Any], Any],
+    jobs: Sequence[Any],
+    indices: list[int],
+    workers: int,
+    on_done: Callable[[Any], None],
+) -> list[int]:
+    """Run ``jobs[indices]`` in a fresh process pool; the indices whose worker died."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    pending = list(jobs)
-    for _ in range(2):
-        lost: list[Any] = []
-        # spawn: forking a process that already holds threads (torch, BLAS) can deadlock.
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(fn, job): job for job in pending}
-            for fut in as_completed(futures):
-                try:
-                    result = fut.result()
-                except BrokenProcessPool:  # a worker died: every unfinished job comes back
-                    lost.append(futures[fut])
-                    continue
-                on_done(result)
-        pending = lost
-        if not pending:
-            return
-    for job in pending:
-        on_lost(job, DIED)
+    lost: list[int] = []
+    # spawn: forking a process that already holds threads (torch, BLAS) can deadlock.
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(fn, jobs[i]): i for i in indices}
+        for fut in as_completed(futures):
+            try:
+                result = fut.result()
+            except BrokenProcessPool:
+                lost.append(futures[fut])
+                continue
+            on_done(result)
+    return sorted(lost)
 
 
 def _ray_tasks(
@@ -133,63 +151,80 @@ def run_actors(
 ) -> int:
     """Feed ``jobs`` to ``workers`` Ray actors of ``actor_class`` (made with ``init_kwargs``;
     its ``process(jobs)`` returns one output per job) as they free up, two calls in flight
-    per actor so none waits for the driver. An actor that dies is replaced and the jobs of its
-    unfinished calls are retried once on the others. Returns the number of actors started."""
+    per actor so none waits for the driver. Returns the number of actors started.
+
+    An actor that dies is replaced. The call it was running when it died is suspect: its jobs
+    are retried one per call, and a job that kills its actor again is reported lost. Its
+    queued call is innocent and simply runs elsewhere."""
     ray = connect_ray()
     from ray.exceptions import RayActorError  # type: ignore[import-not-found]
 
     remote_class = ray.remote(max_restarts=0, max_task_retries=0)(actor_class)
     options = {"num_cpus": num_cpus, "num_gpus": num_gpus}
-    queue: deque[tuple[Any, int]] = deque((job, 0) for job in jobs)
-    inflight: dict[Any, tuple[Any, list[tuple[Any, int]]]] = {}
+    fresh: deque[Any] = deque(jobs)
+    suspects: deque[Any] = deque()  # on their second try: one job per call
+    inflight: dict[Any, tuple[Any, list[Any], int, bool]] = {}  # ref -> actor, jobs, seq, suspect
     actors: list[Any] = []
-    started = 0
+    running_at_death: dict[int, int] = {}  # id(actor) -> the seq of the call it was running
+    counter = {"started": 0, "seq": 0}
 
     def start() -> Any:
-        nonlocal started
-        started += 1
+        counter["started"] += 1
         actor = remote_class.options(**options).remote(**init_kwargs)
         actors.append(actor)
         return actor
 
     def submit(actor: Any) -> None:
-        batch = [queue.popleft() for _ in range(min(jobs_per_call, len(queue)))]
+        if suspects:
+            batch, suspect = [suspects.popleft()], True
+        else:
+            batch = [fresh.popleft() for _ in range(min(jobs_per_call, len(fresh)))]
+            suspect = False
         if batch:
-            inflight[actor.process.remote([job for job, _ in batch])] = (actor, batch)
+            counter["seq"] += 1
+            ref = actor.process.remote(batch)
+            inflight[ref] = (actor, batch, counter["seq"], suspect)
 
-    for _ in range(min(workers, max(1, -(-len(queue) // jobs_per_call)))):
+    def calls_of(actor: Any) -> int:
+        return sum(1 for a, *_ in inflight.values() if a is actor)
+
+    for _ in range(min(workers, max(1, -(-len(fresh) // jobs_per_call)))):
         actor = start()
         submit(actor)
         submit(actor)
     while inflight:
         ready, _ = ray.wait(list(inflight), num_returns=1)
-        actor, batch = inflight.pop(ready[0])
+        actor, batch, seq, suspect = inflight.pop(ready[0])
         try:
             outputs = ray.get(ready[0])
         except Exception as exc:
-            died = isinstance(exc, RayActorError)
-            for job, attempt in batch:
-                if attempt == 0:
-                    queue.append((job, 1))
-                else:
-                    on_lost(job, DIED if died else f"Ray call failed: {_first_line(exc)}")
-            if died and actor in actors:
+            if not isinstance(exc, RayActorError):  # the call raised: its jobs, once more
+                for job in batch:
+                    (on_lost(job, f"Ray call failed: {_first_line(exc)}") if suspect
+                     else suspects.append(job))  # fmt: skip
+                submit(actor)
+                continue
+            if id(actor) not in running_at_death:
+                others = [s for a, _, s, _ in inflight.values() if a is actor]
+                running_at_death[id(actor)] = min([seq, *others])
+            if seq == running_at_death[id(actor)]:
+                for job in batch:
+                    on_lost(job, DIED) if suspect else suspects.append(job)
+            else:
+                fresh.extendleft(reversed(batch))
+            if actor in actors:
                 actors.remove(actor)
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
-                # The dead actor's other call fails too; its jobs come back the same way.
-                if queue and len(actors) < workers:
-                    submit(start())
-            elif actor in actors:
-                submit(actor)
-            for other in list(actors):
-                if queue and sum(1 for a, _ in inflight.values() if a is other) < 2:
-                    submit(other)
-            continue
-        for out in outputs:
-            on_done(out)
-        submit(actor)
+                if (fresh or suspects) and len(actors) < workers:
+                    start()
+        else:
+            for out in outputs:
+                on_done(out)
+        for other in list(actors):
+            while (fresh or suspects) and calls_of(other) < 2:
+                submit(other)
     for actor in actors:
         with contextlib.suppress(Exception):
             ray.kill(actor)
-    return started
+    return counter["started"]

@@ -689,13 +689,15 @@ def _run_on_ray(
         n, num_gpus = workers, 0.0
     p = Path(model).expanduser()
     name = str(p.absolute()) if p.exists() else str(model)
+    # Small archives: fewer jobs per call, so that every actor gets some.
+    per_call = max(1, min(jobs_per_call, len(jobs) // (2 * n)))
     run_actors(
         ArchiveWorker,
         {"model": name, "settings": settings, **common},
         jobs,
         workers=n,
         num_gpus=num_gpus,
-        jobs_per_call=jobs_per_call,
+        jobs_per_call=per_call,
         on_done=on_done,
         on_lost=on_lost,
     )

@@ -233,10 +233,12 @@ def test_cli_lists_several_series_and_reads_the_chosen_one(tmp_path: Path, capsy
     code, out, _ = run(["inspect", str(export), "--series-uid", uid, "--json"])
     assert code == 0 and json.loads(out)["n_slices"] == 4
     model = init_model("tiny", "detection", tmp_path / "m", seed=0)
-    code, _, err = run(
-        ["predict", str(export), "--model", str(model), "--out", str(tmp_path / "o")]
-    )
-    assert code == 1 and "holds 2 series" in err and err.count("\n") == 1
+    # Without a choice the folder is an archive: each series is one job of its own.
+    code, out, err = run(["predict", str(export), "--model", str(model), "--out",
+                          str(tmp_path / "all"), "--max-new-tokens", "2"])  # fmt: skip
+    assert code == 0 and "archive: 2 scan(s)" in out, err
+    lines = [json.loads(x) for x in (tmp_path / "all" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(x["slices"] for x in lines) == [4, 20]
     code, out, err = run(
         ["predict", str(export), "--model", str(model), "--out", str(tmp_path / "o"),
          "--series-uid", uid, "--all-slices", "--max-new-tokens", "2"]

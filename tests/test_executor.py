@@ -1,0 +1,90 @@
+"""The executor layer's failure paths with real worker deaths: a pool process, a Ray task's
+worker and a Ray actor that exit with ``os._exit`` (as kill -9 or the OOM killer would leave
+them). Retried once, then reported lost; never an abort."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from radgrounder.executor import DIED, run_actors, run_tasks
+
+
+def _die_on_odd(job: int) -> int:
+    if job % 2:
+        os._exit(1)
+    return job * 10
+
+
+def test_a_dying_pool_worker_is_retried_once_then_reported_lost():
+    done, lost = [], []
+    run_tasks(_die_on_odd, [0, 1, 2, 4], workers=2, on_done=done.append,
+              on_lost=lambda job, why: lost.append((job, why)))  # fmt: skip
+    assert sorted(done) == [0, 20, 40]
+    assert lost == [(1, DIED)]
+
+
+def test_unknown_executor_and_workers_are_refused():
+    from radgrounder.errors import RadGrounderError
+
+    with pytest.raises(RadGrounderError, match="executor"):
+        run_tasks(abs, [1], executor="dask", on_done=print, on_lost=print)
+    with pytest.raises(RadGrounderError, match="workers"):
+        run_tasks(abs, [1], workers=0, on_done=print, on_lost=print)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_ray_task_whose_worker_always_dies_is_lost_and_the_rest_done(local_ray):
+    def task(job: int) -> int:  # defined here: shipped to the workers by value
+        if job == 3:
+            os._exit(1)
+        return job + 100
+
+    done, lost = [], []
+    run_tasks(task, [1, 2, 3, 4], executor="ray", on_done=done.append,
+              on_lost=lambda job, why: lost.append((job, why)))  # fmt: skip
+    assert sorted(done) == [101, 102, 104]
+    assert [job for job, _ in lost] == [3] and lost[0][1].startswith("Ray task failed")
+
+
+@pytest.mark.slow
+def test_a_dead_actor_is_replaced_and_its_jobs_retried(local_ray, tmp_path: Path):
+    class Worker:
+        def __init__(self, flag: str) -> None:
+            self.flag = Path(flag)
+            self.pid = os.getpid()
+
+        def process(self, jobs: list[str]) -> list[tuple[str, int]]:
+            out = []
+            for job in jobs:
+                if job == "dies-once" and not self.flag.exists():
+                    self.flag.write_text("died")
+                    os._exit(1)
+                if job == "dies-always":
+                    os._exit(1)
+                out.append((job, self.pid))
+            return out
+
+    done, lost = [], []
+    jobs = ["a", "b", "dies-once", "c", "dies-always", "d"]
+    started = run_actors(Worker, {"flag": str(tmp_path / "flag")}, jobs, workers=2,
+                         jobs_per_call=1, on_done=done.append,
+                         on_lost=lambda job, why: lost.append((job, why)))  # fmt: skip
+    assert sorted(job for job, _ in done) == ["a", "b", "c", "d", "dies-once"]
+    assert lost == [("dies-always", DIED)]
+    # Two actors to start with and a replacement after a death while work remains (three
+    # deaths: dies-once, dies-always twice); never one actor per job.
+    assert 3 <= started <= 5
+    assert len({pid for _, pid in done}) <= started
