@@ -91,8 +91,9 @@ def test_the_series_job_equals_single_scan_predict_of_that_series(predicted, arc
                                                                   tmp_path, capsys):  # fmt: skip
     out, _ = predicted
     single = tmp_path / "single"
-    code, _ = run_cli(["predict", str(archive / "patient1" / "study1"), "--model",
-                       str(tiny["detection"]), "--all-slices", "--out", str(single)], capsys)  # fmt: skip
+    args = ["predict", str(archive / "patient1" / "study1"), "--model", str(tiny["detection"]),
+            "--all-slices", "--out", str(single)]  # fmt: skip
+    code, _ = run_cli(args, capsys)
     assert code == 0
     job = out / _by_prefix(manifest(out))["patient1_study1"]["key"]
     a, b = comparable(job), comparable(single)
@@ -180,8 +181,9 @@ def test_a_single_series_folder_keeps_the_single_scan_form(tiny, tmp_path, capsy
     assert code == 0 and (out / "predictions.jsonl").is_file()
     assert not (out / "manifest.jsonl").exists()
     forced = tmp_path / "forced"
-    code, cap = run_cli(["predict", str(examples / "example_ct_dicom"), "--model",
-                         str(tiny["detection"]), "--out", str(forced), "--archive"], capsys)  # fmt: skip
+    args = ["predict", str(examples / "example_ct_dicom"), "--model", str(tiny["detection"]),
+            "--out", str(forced), "--archive"]  # fmt: skip
+    code, cap = run_cli(args, capsys)
     assert code == 0, cap.err
     assert [line["status"] for line in manifest(forced) if line["key"]] == ["done"]
 
