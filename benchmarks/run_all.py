@@ -50,6 +50,7 @@ BENCHMARKS: dict[str, list[str]] = {
         ),
     ],
     "serve": [PY, "benchmarks/bench_serve.py", "--quick"],
+    "archive": [PY, "benchmarks/bench_archive.py"],
 }
 # Run several times in a row: the page shows how far the medians of consecutive runs agree.
 REPEATS = {"train": 3}
@@ -64,6 +65,7 @@ TITLES = {
     "infer_small": "Inference batching, small model",
     "unused_params": "DDP with an unused mask head on one rank (2 processes, gloo)",
     "serve": "Serving (uvicorn on loopback, tiny model)",
+    "archive": "Archive predict (tiny model; local vs Ray actors; driver memory)",
 }
 
 
@@ -159,6 +161,7 @@ def render_page(results: dict[str, Any], meta: dict[str, Any]) -> str:
             f"start, {res['machine']['loadavg_end']} at the end.",
             "",
             *_repeat_lines(res),
+            *_memory_lines(res),
             "<details><summary>JSON</summary>",
             "",
             "```json",
@@ -183,6 +186,22 @@ def _repeat_lines(res: dict[str, Any]) -> list[str]:
             "below is the first run)."
         )
     return [*lines, ""] if lines else []
+
+
+def _memory_lines(res: dict[str, Any]) -> list[str]:
+    mem = res.get("driver_memory")
+    if not mem:
+        return []
+    lines = ["| scans | archive predict, driver peak RSS | labels build, driver peak RSS |",
+             "|---|---|---|"]  # fmt: skip
+    for n, m in mem["scans"].items():
+        lines.append(f"| {n} | {m['predict_peak_rss_mib']:.0f} MiB | "
+                     f"{m['build_peak_rss_mib']:.0f} MiB |")  # fmt: skip
+    growth = ", ".join(f"{k.replace('_', ' ')} {v:.2f}×" for k, v in mem["growth"].items())
+    verdict = "met" if mem["met"] else "NOT met"
+    loads = {k: v["model_loads_per_run"] for k, v in res.get("sides", {}).items()}
+    return [*lines, "", f"Growth: {growth} (goal {mem['goal']}: {verdict}). Model loads per "
+            f"run: {loads}.", ""]  # fmt: skip
 
 
 def render_readme_block(results: dict[str, Any], meta: dict[str, Any]) -> str:

@@ -1135,8 +1135,9 @@ def _predict_archive(
         _warn(notes, f"{key}: ")
     typer.echo(
         f"scans done {report.done}, resumed {report.resumed}, failed {len(report.failed)}, "
-        f"skipped files {report.skipped}; model loads {report.model_loads}; "
-        f"{report.seconds:.1f} s -> {_printable(str(out / 'manifest.jsonl'))}"
+        f"skipped files {report.skipped}; model loads {report.model_loads}"
+        + (f", batch fill {report.batch_fill:.0%}" if report.batch_fill is not None else "")
+        + f"; {report.seconds:.1f} s -> {_printable(str(out / 'manifest.jsonl'))}"
     )
     if report.failed:
         raise typer.Exit(3)

@@ -98,6 +98,7 @@ def test_spread_report_flags_wide_spreads() -> None:
         "bench_keywords.py --n 50 --rounds 5",
         "bench_infer.py --size tiny --n 4 --batch-size 2 --new-tokens 2 --rounds 5",
         "bench_train.py --size tiny --steps 1 --batch-size 2 --rounds 5",
+        "bench_archive.py --quick --no-ray",
     ],
     ids=lambda a: a.split()[0],
 )

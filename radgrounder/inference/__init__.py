@@ -1,5 +1,12 @@
 """Inference: batched prediction with RadGrounder checkpoints, series aggregation, export."""
 
+from radgrounder.inference.archive import (
+    ArchiveReport,
+    ArchiveSettings,
+    ArchiveWorker,
+    discover,
+    predict_archive,
+)
 from radgrounder.inference.batching import generate_examples
 from radgrounder.inference.predictor import (
     LANGUAGES,
@@ -12,6 +19,9 @@ from radgrounder.inference.predictor import (
 from radgrounder.inference.series import SeriesPrediction, Structure3D, aggregate_structures
 
 __all__ = [
+    "ArchiveReport",
+    "ArchiveSettings",
+    "ArchiveWorker",
     "LANGUAGES",
     "TASKS",
     "Prediction",
@@ -21,5 +31,7 @@ __all__ = [
     "SeriesPrediction",
     "Structure3D",
     "aggregate_structures",
+    "discover",
     "generate_examples",
+    "predict_archive",
 ]

@@ -83,6 +83,8 @@ class JobOutput:
 
     record: dict[str, Any]
     files: dict[str, bytes] = field(default_factory=dict)
+    # items of each model batch the worker ran since its previous output (the batch fill)
+    batches: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -102,6 +104,8 @@ class ArchiveReport:
     model_loads: int
     seconds: float
     warnings: dict[str, list[str]] = field(default_factory=dict)
+    batches: int = 0
+    batch_fill: float | None = None  # items per batch / batch size, over all batches
 
     @property
     def exit_code(self) -> int:
@@ -312,6 +316,11 @@ class ArchiveWorker:
         )
         # Which model load answered a job: counts loads across processes and nodes.
         self.load_id = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._batches: list[int] = []
+
+    def _out(self, output: JobOutput) -> JobOutput:
+        output.batches, self._batches = self._batches, []
+        return output
 
     def process(self, jobs: Sequence[ArchiveJob]) -> list[JobOutput]:
         """Every job's output (the Ray actors' method)."""
@@ -350,13 +359,13 @@ class ArchiveWorker:
                         exhausted = True
                         break
                     if job.error is not None:
-                        yield self._failed(job, job.error, 0.0)
+                        yield self._out(self._failed(job, job.error, 0.0))
                         continue
                     t0 = time.perf_counter()
                     try:
                         active.append(self._start(job))
                     except Exception as exc:  # a corrupt or unsupported scan: this job only
-                        yield self._failed(job, _reason(exc), time.perf_counter() - t0)
+                        yield self._out(self._failed(job, _reason(exc), time.perf_counter() - t0))
                     continue
                 item = current.inputs[current.next_input]
                 current.next_input += 1
@@ -373,7 +382,7 @@ class ArchiveWorker:
             for a in list(active):
                 if a.complete and a.next_input >= len(a.inputs):
                     active.remove(a)
-                    yield self._finish(a)
+                    yield self._out(self._finish(a))
             if not chunk and not active and exhausted:
                 return
 
@@ -381,10 +390,10 @@ class ArchiveWorker:
         live = [(a, items) for a, items in chunk if a.error is None]
         if not live:
             return
+        items = [it for _, its in live for it in its]
+        self._batches.append(len(items))
         try:
-            preds = self.predictor.run(
-                [it for _, items in live for it in items], self.settings.max_new_tokens
-            )
+            preds = self.predictor.run(items, self.settings.max_new_tokens)
         except Exception as exc:  # out of memory in generation: every job of the batch
             for a, _ in live:
                 a.error = f"generation failed: {_reason(exc)}"
@@ -604,6 +613,7 @@ def predict_archive(
     failed: dict[str, str] = {}
     notes: dict[str, list[str]] = {}
     loads: set[str] = set()
+    batches: list[int] = []
     done = 0
 
     columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(),
@@ -617,6 +627,7 @@ def predict_archive(
 
         def on_done(output: JobOutput) -> None:
             nonlocal done
+            batches.extend(output.batches)
             rec = output.record
             if rec.get("model_load"):
                 loads.add(rec["model_load"])
@@ -660,9 +671,11 @@ def predict_archive(
             for output in worker.run(todo):
                 on_done(output)
     _sorted_manifest(manifest)
+    size = getattr(model, "batch_size", batch_size)  # a Predictor has its own
+    fill = sum(batches) / (len(batches) * size) if batches else None
     return ArchiveReport(
         out, len(jobs), done, resumed, dict(sorted(failed.items())), len(found.skipped),
-        len(loads), time.perf_counter() - t_start, notes,
+        len(loads), time.perf_counter() - t_start, notes, len(batches), fill,
     )  # fmt: skip
 
 

@@ -165,6 +165,7 @@ def test_include_limit_modality_and_shared_batches(archive, tiny, tmp_path):
     assert (report.n_jobs, report.done) == (2, 2)
     # 30 + 20 slices of two volumes: every batch full but the last, none split at a volume
     assert sizes == [8, 8, 8, 8, 8, 8, 2]
+    assert report.batches == 7 and report.batch_fill == pytest.approx(50 / 56)
     modalities = {line["modality"] for line in manifest(tmp_path / "nifti") if line["key"]}
     assert modalities == {"MR"}
     limited = predict_archive(predictor, archive, tmp_path / "one", include=["*.nii.gz"],
