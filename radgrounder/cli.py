@@ -1007,8 +1007,9 @@ def predict(
     limit: Annotated[int | None, typer.Option(help="Archive: the first N scans.")] = None,
     executor: Annotated[str, typer.Option(help="Archive: local or ray.")] = "local",
     workers: Annotated[
-        int, typer.Option(help="Archive on Ray without GPUs: model actors (one per GPU else).")
-    ] = 1,
+        int | None,
+        typer.Option(help="Archive on Ray: model actors (default: one per GPU, else one)."),
+    ] = None,
 ) -> None:
     """Run a model on a scan: predictions.jsonl, one overlay PNG per slice, mask PNGs,
     series.json for several slices, optionally a DICOM SEG/SR referencing the series.
@@ -1021,9 +1022,9 @@ def predict(
     _check_output(out, "--out")
     _check_model(model)
     _choice("--executor", executor, ("local", "ray"))
-    _at_least("--workers", workers, 1)
-    if limit is not None:
-        _at_least("--limit", limit, 1)
+    for name, value in (("--workers", workers), ("--limit", limit)):
+        if value is not None:
+            _at_least(name, value, 1)
     found = None
     if input_path.is_dir() and series_uid is None:
         from radgrounder.inference.archive import discover
@@ -1034,9 +1035,10 @@ def predict(
             found = None
     elif archive:
         raise typer.BadParameter("--archive needs a folder (and no --series-uid)")
-    if found is None and (include or limit is not None or executor != "local"):
+    if found is None and (include or limit is not None or executor != "local" or workers):
         raise typer.BadParameter(
-            "--include, --limit and --executor apply to an archive folder (see --archive)"
+            "--include, --limit, --executor and --workers apply to an archive folder "
+            "(see --archive)"
         )
     from radgrounder.imaging import WINDOWS
     from radgrounder.inference import LANGUAGES, TASKS
@@ -1105,7 +1107,7 @@ def _predict_archive(
     include: Sequence[str],
     limit: int | None,
     executor: str,
-    workers: int,
+    workers: int | None,
     batch_size: int,
     device: str | None,
     dtype: str | None,

@@ -51,8 +51,13 @@ def connect_ray() -> Any:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The error's type and first line; for a Ray task error, those of the task's own
+    exception (Ray's message starts with the task's name and process id)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def run_tasks(

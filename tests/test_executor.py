@@ -50,13 +50,18 @@ def test_a_ray_task_whose_worker_always_dies_is_lost_and_the_rest_done(local_ray
     def task(job: int) -> int:  # defined here: shipped to the workers by value
         if job == 3:
             os._exit(1)
+        if job == 5:
+            raise ValueError("a bug in the task")
         return job + 100
 
     done, lost = [], []
-    run_tasks(task, [1, 2, 3, 4], executor="ray", on_done=done.append,
+    run_tasks(task, [1, 2, 3, 4, 5], executor="ray", on_done=done.append,
               on_lost=lambda job, why: lost.append((job, why)))  # fmt: skip
     assert sorted(done) == [101, 102, 104]
-    assert [job for job, _ in lost] == [3] and lost[0][1].startswith("Ray task failed")
+    reasons = dict(lost)
+    assert sorted(reasons) == [3, 5]
+    assert all(r.startswith("Ray task failed") for r in reasons.values())
+    assert "a bug in the task" in reasons[5]
 
 
 @pytest.mark.slow

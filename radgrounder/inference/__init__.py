@@ -19,11 +19,11 @@ from radgrounder.inference.predictor import (
 from radgrounder.inference.series import SeriesPrediction, Structure3D, aggregate_structures
 
 __all__ = [
+    "LANGUAGES",
+    "TASKS",
     "ArchiveReport",
     "ArchiveSettings",
     "ArchiveWorker",
-    "LANGUAGES",
-    "TASKS",
     "Prediction",
     "Predictor",
     "Prepared",

@@ -558,7 +558,7 @@ def predict_archive(
     include: Sequence[str] = (),
     limit: int | None = None,
     executor: str = "local",
-    workers: int = 1,
+    workers: int | None = None,
     batch_size: int = 8,
     device: str | None = None,
     dtype: str | None = None,
@@ -570,7 +570,8 @@ def predict_archive(
 ) -> ArchiveReport:
     """Predict every scan of ``archive`` into ``out`` (see the module docstring); resumes,
     never aborts for one bad scan. ``model`` is a checkpoint folder or hub id (or, with the
-    local executor, a loaded :class:`~radgrounder.inference.Predictor`). ``on_job`` gets
+    local executor, a loaded :class:`~radgrounder.inference.Predictor`). ``workers``: Ray
+    actors (default: one per GPU of the cluster, else one). ``on_job`` gets
     each finished job's manifest line (the CLI prints failures with it); ``found``: the
     archive's :func:`discover` result when the caller already has it."""
     from rich.progress import (
@@ -583,7 +584,7 @@ def predict_archive(
 
     t_start = time.perf_counter()
     settings = settings or ArchiveSettings()
-    check_executor(executor, workers)
+    check_executor(executor, 1 if workers is None else workers)
     if limit is not None and limit < 1:
         raise RadGrounderError(f"limit: must be >= 1, got {limit}")
     archive, out = Path(archive).absolute(), Path(out).absolute()
@@ -591,6 +592,12 @@ def predict_archive(
         raise RadGrounderError("executor ray: pass the model as a checkpoint path or hub id")
     if found is None:
         found = discover(archive, include=include, exclude_dirs=[out])
+    if not found.jobs:
+        what = f" matching {', '.join(include)}" if include else ""
+        raise RadGrounderError(
+            f"no scans{what} in the folder ({len(found.skipped)} other file(s) looked at)",
+            path=archive,
+        )
     jobs = found.jobs[:limit] if limit else found.jobs
     out.mkdir(parents=True, exist_ok=True)
     _check_run(out, settings, _model_name(model))
@@ -683,7 +690,7 @@ def _run_on_ray(
     model: str | Path,
     settings: ArchiveSettings,
     jobs: list[ArchiveJob],
-    workers: int,
+    workers: int | None,
     jobs_per_call: int,
     common: dict[str, Any],
     on_done: Callable[[JobOutput], None],
@@ -696,10 +703,10 @@ def _run_on_ray(
     ray = connect_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus:
-        n, num_gpus = (min(workers, gpus) if workers > 1 else gpus), 1.0
+        n, num_gpus = min(workers or gpus, gpus), 1.0
         common = {**common, "device": common.get("device") or "cuda"}
     else:
-        n, num_gpus = workers, 0.0
+        n, num_gpus = workers or 1, 0.0
     p = Path(model).expanduser()
     name = str(p.absolute()) if p.exists() else str(model)
     # Small archives: fewer jobs per call, so that every actor gets some.

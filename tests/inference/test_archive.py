@@ -228,3 +228,14 @@ def test_kill_9_during_an_archive_predict_then_rerun_equals_an_uninterrupted_run
     assert rerun.returncode == 3, rerun.stderr
     assert "Traceback" not in rerun.stderr
     assert comparable(out) == comparable(tmp_path / "ref")
+
+
+def test_a_folder_without_scans_is_one_error(tiny, tmp_path, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "report.pdf").write_bytes(b"%PDF-1.4\n")
+    code, cap = run_cli(["predict", str(folder), "--model", str(tiny["detection"]), "--out",
+                         str(tmp_path / "o")], capsys)  # fmt: skip
+    assert code == 1 and cap.err.count("\n") == 1
+    assert "no scans in the folder (1 other file(s) looked at)" in cap.err
+    assert not (tmp_path / "o").exists()

@@ -34,17 +34,22 @@ def test_a_ray_build_from_another_folder_equals_the_local_one(head: str, tmp_pat
     for name in ("scans", "labels"):
         shutil.copytree(EXAMPLES / "layout" / name, client / "lay" / name, symlinks=False)
     shutil.copy(EXAMPLES / "reports.jsonl", client / "lay")
+    # A scan that fails inside the worker: listed, the rest built, on Ray as locally.
+    (client / "lay" / "scans" / "broken.nii.gz").write_bytes(b"not a nifti" * 50)
+    shutil.copy(client / "lay" / "labels" / "ct_upper_abdomen.nii.gz",
+                client / "lay" / "labels" / "broken.nii.gz")  # fmt: skip
     args = ["--scans", "lay/scans", "--labels", "lay/labels", "--reports", "lay/reports.jsonl",
             "--no-vqa"]  # fmt: skip
     cmd = [sys.executable, "-m", "radgrounder", "labels", "build", *args]
     env = {**os.environ, **AUTH, "RAY_ADDRESS": head}
     on_ray = subprocess.run([*cmd, "--out", "out_ray", "--executor", "ray"], cwd=client,
                             env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert on_ray.returncode == 0, on_ray.stderr[-3000:]
-    assert "scans built 4, resumed 0, failed 0" in on_ray.stdout
+    assert on_ray.returncode == 3, on_ray.stderr[-3000:]
+    assert "scans built 4, resumed 0, failed 1" in on_ray.stdout
+    assert "failed: broken" in on_ray.stderr
     local = subprocess.run([*cmd, "--out", "out_local"], cwd=client, capture_output=True,
                            text=True, timeout=600)  # fmt: skip
-    assert local.returncode == 0, local.stderr[-3000:]
+    assert local.returncode == 3, local.stderr[-3000:]
     ray_tree, local_tree = tree_bytes(client / "out_ray"), tree_bytes(client / "out_local")
     assert any(k.startswith("slices/") for k in ray_tree)  # the data reached the driver's --out
     assert ray_tree == local_tree
