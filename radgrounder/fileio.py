@@ -6,16 +6,55 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask (from /proc on Linux; elsewhere set and restored under a lock)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0666 minus the umask."""
+    return 0o666 & ~current_umask()
+
+
+def apply_umask(root: str | Path) -> None:
+    """Give every file under ``root`` (or ``root`` itself) the mode a plain ``open()`` would,
+    and every folder 0777 minus the umask: for outputs that libraries write with their own
+    modes (safetensors, temporary folders) before they are published."""
+    root = Path(root)
+    mask = current_umask()
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
+    The file gets the mode a plain ``open()`` would give it (0666 minus the umask), not
+    ``mkstemp``'s private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -26,6 +26,7 @@ import torch
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
 from radgrounder.errors import RadGrounderError
+from radgrounder.fileio import apply_umask
 from radgrounder.modeling import keys
 from radgrounder.modeling.configs import (
     DETECTION_ARCH,
@@ -464,6 +465,7 @@ def save_model(
         (tmp / PREPROCESSOR_CONFIG).write_text(
             json.dumps(preprocessor_config(config), indent=2) + "\n", encoding="utf-8"
         )
+        apply_umask(tmp)  # safetensors writes 0600 whatever the umask
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)

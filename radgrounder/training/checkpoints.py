@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from radgrounder.errors import RadGrounderError
+from radgrounder.fileio import apply_umask
 
 _COMPLETE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -141,6 +142,7 @@ def save_checkpoint(out: Path, step: int, accelerator: Any, keep: int) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step}) + "\n")
+        apply_umask(tmp)  # safetensors writes 0600 whatever the umask
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for _, old in complete_checkpoints(out)[:-keep]:
