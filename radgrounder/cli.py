@@ -226,6 +226,10 @@ class _LazyPredictor:
     def __init__(self, model: str, **kwargs: Any) -> None:
         self._model, self._kwargs, self._predictor = model, kwargs, None
 
+    @property
+    def variant(self) -> str | None:
+        return None if self._predictor is None else self._predictor.variant
+
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         if self._predictor is None:
             from radgrounder.inference import Predictor
@@ -1095,7 +1099,8 @@ def predict(
     _warn(run.warnings)
     typer.echo(f"{run.n} prediction(s) -> {_printable(str(run.out))}")
     for name, path in run.files.items():
-        typer.echo(f"  {name}: {_printable(str(path))}")
+        dropped = f" ({run.export_dropped} empty left out)" if name == export else ""
+        typer.echo(f"  {name}: {_printable(str(path))}{dropped if run.export_dropped else ''}")
 
 
 def _predict_archive(

@@ -76,7 +76,12 @@ _ABNORMAL = {"kidney_cyst": ("Cyst", "Kidney")}  # stem → (morphology keyword,
 
 
 class DicomExportWarning(UserWarning):
-    """Something was dropped or substituted while exporting (empty segment, missing UID)."""
+    """Something was dropped or substituted while exporting (empty segment or box, missing
+    UID); ``dropped`` counts the segments or boxes left out."""
+
+    def __init__(self, message: str, dropped: int = 0) -> None:
+        super().__init__(message)
+        self.dropped = dropped
 
 
 @dataclass
@@ -350,7 +355,9 @@ def export_dicom_seg(
     if not kept:
         raise RadGrounderError(f"every segment is empty ({dropped}); nothing to export")
     if dropped:
-        warnings.warn(f"empty segments dropped: {dropped}", DicomExportWarning, stacklevel=2)
+        warnings.warn(
+            DicomExportWarning(f"empty segments dropped: {dropped}", len(dropped)), stacklevel=2
+        )
     series = _read_series(series_dir, volume)
     version, name = algorithm_version or __version__, _lo(algorithm_name)
     algo = hd.AlgorithmIdentificationSequence(
@@ -415,7 +422,9 @@ def export_dicom_sr(
 
     Each box becomes a closed 5-point POLYLINE SCOORD on the source image at the finding's
     canonical slice, in that image's ``(column, row)`` coordinates (boxes are clipped to the
-    slice first). Tracking identifier = ``label``; finding type = the class's SNOMED CT code
+    slice first; a box empty after clipping, as a model's zero-height box is, is dropped with a
+    :class:`DicomExportWarning`, and only when none is left is it an error).
+    Tracking identifier = ``label``; finding type = the class's SNOMED CT code
     (SCT 404684003 "Finding" when no class is given), finding site = the structure with its
     laterality. ``report_text`` goes in a TEXT item (121070, DCM, "Findings") inside TID 1500's
     (C0034375, UMLS, "Qualitative Evaluations") container, the template's place for free text.
@@ -424,7 +433,7 @@ def export_dicom_sr(
     if not findings:
         raise RadGrounderError("no findings to export")
     n_slices, rows, cols = volume.shape[:3]
-    boxes = []
+    boxes, kept, dropped = [], [], []
     for f in findings:
         k = f.slice_index
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 0 <= k < n_slices:
@@ -435,9 +444,31 @@ def export_dicom_sr(
         if box.shape != (4,) or not np.isfinite(box).all():
             raise RadGrounderError(f"finding {f.label!r}: box must be 4 finite numbers")
         box = np.clip(box, 0.0, [cols, rows, cols, rows])
-        if box[2] <= box[0] or box[3] <= box[1]:
-            raise RadGrounderError(f"finding {f.label!r}: box {f.box_px} is empty in the slice")
+        if box[2] <= box[0] or box[3] <= box[1]:  # zero width/height, or outside the slice
+            dropped.append(
+                f"{f.label!r} on slice {k} {tuple(round(float(v), 1) for v in f.box_px)}"
+            )
+            continue
         boxes.append(box.tolist())
+        kept.append(f)
+    if dropped:
+        if not kept:
+            raise RadGrounderError(
+                f"all {len(dropped)} box(es) are empty in their slice (zero width or height, or "
+                f"outside the image, after clipping): nothing to export ({', '.join(dropped[:3])}"
+                + (", ..." if len(dropped) > 3 else "")
+                + ")"
+            )
+        more = f", ... ({len(dropped) - 5} more)" if len(dropped) > 5 else ""
+        warnings.warn(
+            DicomExportWarning(
+                f"{len(dropped)} box(es) empty in their slice dropped: "
+                f"{', '.join(dropped[:5])}{more}",
+                len(dropped),
+            ),
+            stacklevel=2,
+        )
+    findings = kept
     series, name = _read_series(series_dir, volume), _lo(algorithm_name)
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ class PredictRun:
     n: int
     files: dict[str, Path]
     warnings: list[str] = field(default_factory=list)  # about the input (see Volume.metadata)
+    export_dropped: int = 0  # boxes or segments the DICOM export left out (see the warnings)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -155,12 +157,33 @@ def run_predict(
     if len(indices) > 1 or export:
         atomic_write_json(out / "series.json", series_summary(volume, preds))
         files["series"] = out / "series.json"
+    notes = list(volume.metadata.get("warnings") or [])
     if export:
-        files[export] = _export(export, Path(input_path), volume, preds, out)
-    return PredictRun(out, len(preds), files, list(volume.metadata.get("warnings") or []))
+        from radgrounder.inference.dicom_export import DicomExportWarning
+
+        variant = getattr(predictor, "variant", None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DicomExportWarning)
+            files[export] = _export(export, Path(input_path), volume, preds, out, variant)
+        dropped = 0
+        for w in caught:
+            if issubclass(w.category, DicomExportWarning):
+                notes.append(f"--export {export}: {w.message}")
+                dropped += getattr(w.message, "dropped", 0)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return PredictRun(out, len(preds), files, notes, dropped)
+    return PredictRun(out, len(preds), files, notes)
 
 
-def _export(kind: str, series_dir: Path, volume: Volume, preds: Sequence[Any], out: Path) -> Path:
+def _export(
+    kind: str,
+    series_dir: Path,
+    volume: Volume,
+    preds: Sequence[Any],
+    out: Path,
+    variant: str | None = None,
+) -> Path:
     from radgrounder.inference import dicom_export as dx
     from radgrounder.inference.series import span_pixel_box
 
@@ -192,6 +215,11 @@ def _export(kind: str, series_dir: Path, volume: Volume, preds: Sequence[Any], o
                                   span.class_id, span.class_name)
             )  # fmt: skip
             seg.mask[p.slice_index] |= span.mask
+    if not segments and variant == "segmentation":
+        raise RadGrounderError(
+            f"--export dicom-seg: the model emitted no mask in its {len(preds)} answer(s) "
+            "(no grounded phrase with a <seg> token); nothing to export"
+        )
     if not segments:
         raise RadGrounderError(
             "--export dicom-seg needs masks: use the segmentation model and a grounding task "

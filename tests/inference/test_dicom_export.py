@@ -226,7 +226,7 @@ def test_seg_errors(volume, masks, tmp_path):
 def test_sr_errors_and_missing_highdicom(volume, tmp_path, monkeypatch):
     with pytest.raises(RadGrounderError, match="slice index 20"):
         export_dicom_sr(SERIES, volume, [Finding("x", 20, (0, 0, 5, 5))], tmp_path / "a.dcm")
-    with pytest.raises(RadGrounderError, match="empty"):
+    with pytest.raises(RadGrounderError, match=r"all 1 box\(es\) are empty in their slice"):
         export_dicom_sr(SERIES, volume, [Finding("x", 0, (600, 0, 700, 5))], tmp_path / "b.dcm")
     monkeypatch.setitem(sys.modules, "highdicom", None)
     with pytest.raises(RadGrounderError, match=r"pip install 'radgrounder\[dicom\]'"):
@@ -291,3 +291,78 @@ def test_seg_of_a_gantry_tilted_series_references_each_slice(masks, tmp_path):
     for uid, frame in zip(uids, pixels[..., 0], strict=True):
         frame_to_canonical(sources[uid], frame.astype(bool), back, vol)
     np.testing.assert_array_equal(back, masks["liver"])
+
+
+def test_sr_drops_boxes_empty_in_their_slice_and_keeps_the_rest(volume, tmp_path):
+    findings = [
+        Finding("inferior vena cava", 3, (210.0, 256.0, 256.0, 256.0)),  # zero height
+        Finding("liver", 3, (300.0, 120.0, 341.0, 150.0), class_id=5),
+        Finding("outside", 4, (600.0, 0.0, 700.0, 5.0)),  # beyond the 512 columns
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = export_dicom_sr(SERIES, volume, findings, tmp_path / "sr.dcm")
+    dropped = [w.message for w in caught if "box(es) empty" in str(w.message)]
+    assert len(dropped) == 1 and dropped[0].dropped == 2
+    assert "'inferior vena cava' on slice 3" in str(dropped[0]) and "'outside'" in str(dropped[0])
+    groups = hd.sr.srread(out).content.get_planar_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == ["liver"]
+
+
+class _ScriptedDetections:
+    """Stands in for the model in ``run_predict``: real :class:`Prediction` objects with the
+    boxes a trained model emitted on the bundled series (one of them zero-height)."""
+
+    variant = "detection"
+
+    def predict(self, images, task, language, **_):
+        from radgrounder.grounding import Box, GroundedText
+        from radgrounder.inference import Prediction
+
+        out = []
+        for sl in images:
+            h, w = sl.pixels.shape[:2]
+            g = GroundedText.from_phrases([
+                ("inferior vena cava", {"boxes": [Box(210 / w, 1.0, 1.0, 1.0)]}), " and ",
+                ("liver", {"class_id": 5, "boxes": [Box(0.3, 0.3, 0.6, 0.6)]}), ".",
+            ])  # fmt: skip
+            out.append(Prediction(task, language, "", g.text, g, w, h, sl.source, sl.index))
+        return out
+
+
+def test_predict_export_names_and_counts_what_it_dropped(tmp_path):
+    from radgrounder.inference.outputs import run_predict
+
+    run = run_predict(_ScriptedDetections(), SERIES, tmp_path / "o", task="grounded-report",
+                      all_slices=True, export="dicom-sr")  # fmt: skip
+    assert run.export_dropped == 20  # the zero-height box on each of the 20 slices
+    assert any("--export dicom-sr: 20 box(es) empty" in n for n in run.warnings)
+    groups = hd.sr.srread(run.files["dicom-sr"]).content.get_planar_roi_measurement_groups()
+    assert len(groups) == 20 and {g.tracking_identifier for g in groups} == {"liver"}
+
+
+def test_seg_export_without_masks_says_what_the_segmentation_model_did(tmp_path, capsys):
+    from radgrounder.modeling import init_model
+    from tests.helpers import run_cli
+
+    model = init_model("tiny", "segmentation", tmp_path / "seg-model", seed=0)
+    code, cap = run_cli(["predict", str(SERIES), "--model", str(model), "--slice", "3",
+                         "--max-new-tokens", "2", "--export", "dicom-seg", "--out",
+                         str(tmp_path / "o")], capsys)  # fmt: skip
+    assert code == 1 and cap.err.count("\n") == 1
+    assert "the model emitted no mask in its 1 answer(s)" in cap.err
+    assert "use the segmentation model" not in cap.err
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="needs dciodvfy (dicom3tools)")
+def test_the_validator_that_checks_every_export_does_find_errors(volume, tmp_path):
+    from tests.conftest import dciodvfy_errors
+
+    out = export_dicom_sr(SERIES, volume, [Finding("liver", 3, (300.0, 120.0, 341.0, 150.0))],
+                          tmp_path / "sr.dcm")  # fmt: skip
+    assert dciodvfy_errors(out) == []
+    ds = pydicom.dcmread(out)
+    del ds.ContentSequence, ds.SOPClassUID
+    broken = tmp_path / "broken.dicom"  # not *.dcm: the autouse check would fail on it
+    ds.save_as(broken)
+    assert dciodvfy_errors(broken)
