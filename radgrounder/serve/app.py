@@ -22,10 +22,13 @@ from typing import Any
 import anyio
 import numpy as np
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from radgrounder import __version__
 from radgrounder.chat_client import is_loopback
@@ -38,6 +41,7 @@ from radgrounder.serve.limits import ServeLimits
 from radgrounder.serve.middleware import LOOPBACK_HOSTS, RequestMiddleware
 from radgrounder.serve.middleware import allowed_hosts as allowed_hosts_for
 from radgrounder.serve.protocol import HeaderTimeoutH11Protocol
+from radgrounder.serve.responses import error_responses
 from radgrounder.serve.studies import Study, StudyStore
 from radgrounder.serve.uploads import (
     UploadError,
@@ -58,6 +62,7 @@ _FORM_FIELDS: dict[str, dict[str, Any]] = {
     "files": {
         "type": "array",
         "items": {"type": "string", "format": "binary"},
+        "minItems": 1,
         "description": "DICOM files of one series, a zip of them, one NIfTI or one PNG/JPEG.",
     },
 }
@@ -66,12 +71,21 @@ _SLICES_BODY = {
     "required": ["files"],
     "properties": {
         **_FORM_FIELDS,
-        "window": {"type": "string", "default": params.DEFAULT_WINDOW, "enum": list(WINDOWS)},
+        "window": {
+            "type": "string",
+            "default": params.DEFAULT_WINDOW,
+            "enum": ["", *WINDOWS],
+            "description": "Empty: the default.",
+        },
     },
 }
 _TASK_FIELDS: dict[str, Any] = {
-    "task": {"type": "string", "enum": list(params.KNOWN_TASKS)},
-    "language": {"type": "string", "enum": ["en", "de"], "default": "en"},
+    "task": {
+        "type": "string",
+        "enum": ["", *params.KNOWN_TASKS],
+        "description": "Empty: grounded-report where the model has it.",
+    },
+    "language": {"type": "string", "enum": ["", "en", "de"], "default": "en"},
     "question": {"type": "string", "description": "The question (task vqa)."},
     "clinical_info": {"type": "string"},
     "clinical_question": {"type": "string"},
@@ -92,7 +106,12 @@ _STUDY_BODY = {"type": "object", "required": ["files"], "properties": _FORM_FIEL
 _STUDY_PREDICT_BODY = {"type": "object", "properties": _TASK_FIELDS}
 
 
-def _multipart(schema: dict[str, Any]) -> dict[str, Any]:
+def _multipart(schema: dict[str, Any], max_new_tokens: int | None = None) -> dict[str, Any]:
+    """The request body of a form route; ``max_new_tokens``: the server's limit."""
+    if max_new_tokens is not None and "max_new_tokens" in schema["properties"]:
+        field = {**schema["properties"]["max_new_tokens"], "maximum": max_new_tokens}
+        field["default"] = min(field["default"], max_new_tokens)
+        schema = {**schema, "properties": {**schema["properties"], "max_new_tokens": field}}
     return {
         "requestBody": {
             "required": True,
@@ -249,9 +268,35 @@ def create_app(
     bearer = HTTPBearer(auto_error=False, description="The server's token (--token-file).")
     auth = [Depends(bearer)] if token else []
 
+    def errors(method: str, path: str, ok: dict[str, Any] | None = None) -> dict[int | str, Any]:
+        out = error_responses(method, path, token=token is not None)
+        return {200: ok, **out} if ok else out
+
     @app.exception_handler(UploadError)
     async def _upload_error(_: Request, exc: UploadError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # One line, like every other error (FastAPI's default is a list of objects).
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x not in ("path", "query"))
+        return JSONResponse(
+            {"detail": f"{where or 'request'}: {first.get('msg', 'invalid value')}"},
+            status_code=422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # every method the path has, not only one route's
+            allowed = set()
+            for route in app.routes:
+                methods = getattr(route, "methods", None)
+                if methods and route.matches(request.scope)[0] != Match.NONE:
+                    allowed |= methods
+            headers["Allow"] = ", ".join(sorted(allowed))
+        return JSONResponse({"detail": str(exc.detail)}, exc.status_code, headers=headers)
 
     @app.exception_handler(QueueFull)
     async def _queue_full(_: Request, exc: QueueFull) -> JSONResponse:
@@ -397,12 +442,12 @@ def create_app(
     def study_meta(study: Study) -> dict[str, Any]:
         return {**study.meta, "expires_in_s": store.expires_in(study)}
 
-    @app.get("/v1/health", tags=["api"])
+    @app.get("/v1/health", tags=["api"], responses=errors("GET", "/v1/health"))
     async def health() -> dict[str, str]:
         """Liveness check (no token needed)."""
         return {"status": "ok"}
 
-    @app.get("/v1/model", tags=["api"], dependencies=auth)
+    @app.get("/v1/model", tags=["api"], dependencies=auth, responses=errors("GET", "/v1/model"))
     async def model() -> dict[str, Any]:
         """The model's variant, tasks and languages, the display windows, the limits a
         client should respect, and the class colours and display names the viewer uses."""
@@ -423,7 +468,13 @@ def create_app(
             "display_names": display_names,
         }
 
-    @app.post("/v1/slices", tags=["api"], openapi_extra=_multipart(_SLICES_BODY), dependencies=auth)
+    @app.post(
+        "/v1/slices",
+        tags=["api"],
+        openapi_extra=_multipart(_SLICES_BODY),
+        dependencies=auth,
+        responses=errors("POST", "/v1/slices"),
+    )
     async def slices(request: Request) -> dict[str, Any]:
         """Every slice of the uploaded study as a PNG (base64) in the chosen window
         (one-shot; a viewer stores the study with ``POST /v1/studies`` instead)."""
@@ -441,7 +492,11 @@ def create_app(
         }
 
     @app.post(
-        "/v1/predict", tags=["api"], openapi_extra=_multipart(_PREDICT_BODY), dependencies=auth
+        "/v1/predict",
+        tags=["api"],
+        openapi_extra=_multipart(_PREDICT_BODY, limits.max_new_tokens),
+        dependencies=auth,
+        responses=errors("POST", "/v1/predict"),
     )
     async def predict(request: Request) -> Any:
         """Run a task on one slice (default: the middle one) or all slices of the upload
@@ -466,6 +521,7 @@ def create_app(
         status_code=201,
         openapi_extra=_multipart(_STUDY_BODY),
         dependencies=auth,
+        responses=errors("POST", "/v1/studies"),
     )
     async def create_study(request: Request) -> dict[str, Any]:
         """Upload a study once; later requests refer to it by ``study_id``. It is private
@@ -476,12 +532,23 @@ def create_app(
             study = await anyio.to_thread.run_sync(store.add, volume, photo)
         return study_meta(study)
 
-    @app.get("/v1/studies/{study_id}", tags=["studies"], dependencies=auth)
+    @app.get(
+        "/v1/studies/{study_id}",
+        tags=["studies"],
+        dependencies=auth,
+        responses=errors("GET", "/v1/studies/{study_id}"),
+    )
     async def get_study(study_id: str) -> dict[str, Any]:
         """A stored study's metadata (geometry, windows, expiry)."""
         return study_meta(store.get(study_id))
 
-    @app.delete("/v1/studies/{study_id}", tags=["studies"], status_code=204, dependencies=auth)
+    @app.delete(
+        "/v1/studies/{study_id}",
+        tags=["studies"],
+        status_code=204,
+        dependencies=auth,
+        responses=errors("DELETE", "/v1/studies/{study_id}"),
+    )
     async def delete_study(study_id: str) -> Response:
         """Delete a stored study now."""
         await anyio.to_thread.run_sync(store.delete, study_id)
@@ -492,7 +559,11 @@ def create_app(
         tags=["studies"],
         dependencies=auth,
         response_class=Response,
-        responses={200: {"content": {"application/octet-stream": {}}}},
+        responses=errors(
+            "GET",
+            "/v1/studies/{study_id}/slices/{index}/pixels",
+            {"content": {"application/octet-stream": {}}},
+        ),
     )
     async def slice_pixels(study_id: str, index: int) -> Response:
         """Slice ``index``'s raw values, little-endian, rows x columns (x channels), in the
@@ -517,7 +588,11 @@ def create_app(
         tags=["studies"],
         dependencies=auth,
         response_class=Response,
-        responses={200: {"content": {"image/png": {}}}},
+        responses=errors(
+            "GET",
+            "/v1/studies/{study_id}/slices/{index}/image",
+            {"content": {"image/png": {}}},
+        ),
     )
     async def slice_image(study_id: str, index: int, window: str | None = None) -> Response:
         """Slice ``index`` as a PNG in a display window (default: the study's)."""
@@ -533,8 +608,9 @@ def create_app(
     @app.post(
         "/v1/studies/{study_id}/predict",
         tags=["studies"],
-        openapi_extra=_multipart(_STUDY_PREDICT_BODY),
+        openapi_extra=_multipart(_STUDY_PREDICT_BODY, limits.max_new_tokens),
         dependencies=auth,
+        responses=errors("POST", "/v1/studies/{study_id}/predict"),
     )
     async def predict_study(study_id: str, request: Request) -> Any:
         """Run a task on slices of a stored study; only those slices are read."""

@@ -217,6 +217,8 @@ async def read_urlencoded(
     for name, value in pairs:
         if len(value.encode()) > MAX_FIELD_BYTES:
             raise UploadError(413, f"form field '{name[:40]}' is longer than 64 KiB")
+        if name in fields:
+            raise UploadError(422, f"form field '{name[:40]}' is given more than once")
         fields[name] = value
     return fields
 
@@ -315,6 +317,8 @@ class _PartState:
 
     def end(self) -> None:
         if self._file is None:
+            if self._name in self.fields:
+                raise UploadError(422, f"form field '{self._name[:40]}' is given more than once")
             try:
                 self.fields[self._name] = self._buffer.decode("utf-8")
             except UnicodeDecodeError:

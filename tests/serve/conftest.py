@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -167,3 +168,30 @@ def live_server(app: Any, **config: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+# (method, path, status) of every request the serve tests make, from the server's own access
+# log line (RequestMiddleware): tests/serve/test_zz_observed_codes.py checks them against the
+# OpenAPI schema after every other serve test has run.
+OBSERVED: list[tuple[str, str, int]] = []
+
+
+class _AccessLog(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("request_id=%s method=%s path=%s status=%d"):
+            _, method, path, status, *_ = record.args
+            OBSERVED.append((str(method), str(path), int(status)))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _record_status_codes() -> Iterator[None]:
+    log = logging.getLogger("radgrounder.serve")
+    handler, level = _AccessLog(), log.level
+    log.addHandler(handler)
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
