@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench lint format clean
+.PHONY: demo test bench lint format clean totalseg
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check radgrounder tests benchmarks
 	$(PY) -m pytest
+
+# TotalSegmentator for `labels segment`, keeping the torch installed above: its dependencies
+# (nnunetv2 -> timm -> torchvision) would otherwise replace it by another (CUDA) build.
+totalseg: $(STAMP)
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install --quiet -e '.[totalseg]' -c $(VENV)/torch-constraint.txt
 
 # The CPU benchmarks (about 12 minutes on 2 cores): docs/benchmarks.md and README's summary.
 bench: $(STAMP)

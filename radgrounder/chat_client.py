@@ -14,6 +14,7 @@ import ipaddress
 import json
 import math
 import random
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -109,6 +110,7 @@ class ChatClient:
         field: str = "endpoint",
     ) -> None:
         self.base = check_endpoint(endpoint, field)
+        self.field = field
         self.url = self.base + "/chat/completions"
         check_number("timeout", timeout, 0, exclusive=True)
         check_number("connect_timeout", connect_timeout, 0, exclusive=True)
@@ -166,6 +168,23 @@ class ChatClient:
             return json.loads(raw)
         except ValueError:
             raise RetryableError(f"response body is not JSON: {excerpt(raw)!r}") from None
+
+    def check_reachable(self) -> None:
+        """Fail in one line when nothing listens at the endpoint (refused, unknown host, no
+        answer within the connect timeout), before a batch spends minutes retrying; a
+        server that answers, even with an error, passes."""
+        parts = urllib.parse.urlsplit(self.base)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            with socket.create_connection((parts.hostname, port), timeout=self.connect_timeout):
+                return
+        except TimeoutError:
+            why = f"no answer within {self.connect_timeout:g} s"
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+        raise RadGrounderError(
+            f"{self.field} {self.base}: cannot connect ({why}); is the server running there?"
+        )
 
     def concurrency(self, requested: int | None) -> tuple[int, str]:
         """Requests to keep in flight and where the number came from: ``requested``

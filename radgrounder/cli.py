@@ -184,6 +184,13 @@ def _check_dtype(dtype: str | None) -> None:
         )
 
 
+def _check_device(device: str | None) -> None:
+    if device is not None:
+        from radgrounder.modeling.checkpoint import check_device
+
+        check_device(device)
+
+
 def _checkpoint_hint(model: str) -> tuple[str, str | None]:
     """(variant, normalisation preset) a local checkpoint's ``config.json`` names, read
     without loading the weights; ``("detection", None)`` where it says nothing."""
@@ -210,7 +217,9 @@ def _check_model(model: str) -> None:
         os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         parts = model.split("/")
-        if len(parts) < 2 or model.startswith((".", "/", "~")) or not all(parts):
+        # runs/tiny/final where runs/ exists is a local path with a typo, not a hub id
+        local = len(parts) >= 2 and Path(parts[0]).expanduser().is_dir()
+        if len(parts) < 2 or model.startswith((".", "/", "~")) or not all(parts) or local:
             raise RadGrounderError(f"--model {_shown(model)}: no such checkpoint folder") from None
         return
     except OSError as exc:
@@ -687,18 +696,19 @@ def model_init(
     ] = "tiny",
     variant: Annotated[str, typer.Option(help="detection or segmentation.")] = "detection",
     seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a model already in the folder.")] = False,
 ) -> None:
     """Write a randomly initialised model of the real classes plus its tokenizer."""
     from radgrounder.modeling import init_model
 
     _check_output(out)
-    path = init_model(size, variant, out, seed=seed)
+    path = init_model(size, variant, out, seed=seed, overwrite=overwrite)
     typer.echo(f"{size} {variant} model -> {path}")
 
 
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    epilog=_example("radgrounder train configs/tiny-cpu.yaml output_dir=runs/tiny max_steps=50"),
+    epilog=_example("radgrounder train configs/tiny-cpu.yaml output_dir=runs/tiny-50 max_steps=50"),
 )
 def train(
     ctx: typer.Context,
@@ -736,8 +746,8 @@ def _leave_process_group() -> None:
 
 
 _EVAL_EXAMPLE = (
-    "radgrounder eval --model runs/tiny-cpu/final --dataset built "
-    "--data-root runs/datasets/totalseg_example --split test --out runs/eval-tiny"
+    "radgrounder eval --model runs/tiny-50/final --dataset built "
+    "--data-root runs/datasets/totalseg_example --split test --out runs/eval-tiny-50 --limit 40"
 )
 
 
@@ -836,6 +846,7 @@ def eval_cmd(
     _at_least("--batch-size", batch_size, 1)
     _at_least("--max-new-tokens", max_new_tokens, 1)
     _check_dtype(dtype)
+    _check_device(device)
     if (judge_url is None) != (judge_model is None):
         raise typer.BadParameter("--judge-url and --judge-model go together")
     _check_model(model)
@@ -918,7 +929,9 @@ def eval_cmd(
         raise typer.Exit(3)
 
 
-@app.command(epilog=_example("radgrounder compare runs/eval-a runs/eval-b --out compare.json"))
+@app.command(
+    epilog=_example("radgrounder compare runs/eval-tiny runs/eval-tiny-50 --out compare.json")
+)
 def compare(
     run_a: Annotated[Path, typer.Argument(help="First evaluation run folder.")],
     run_b: Annotated[Path, typer.Argument(help="Second run folder (same dataset and split).")],
@@ -950,7 +963,7 @@ def compare(
 
 
 _PREDICT_EXAMPLE = (
-    "radgrounder predict --model runs/tiny-cpu/final data/totalseg_example/example_ct_dicom "
+    "radgrounder predict --model runs/tiny/final data/totalseg_example/example_ct_dicom "
     "--all-slices --task grounded-report --language de --out predictions"
 )
 
@@ -1058,6 +1071,7 @@ def predict(
     _at_least("--max-new-tokens", max_new_tokens, 1)
     _at_least("--max-prompt-tokens", max_prompt_tokens, 1)
     _check_dtype(dtype)
+    _check_device(device)
     if found is not None:
         if slice_index is not None or export is not None:
             raise typer.BadParameter("--slice and --export apply to one scan, not an archive")
@@ -1150,7 +1164,7 @@ def _predict_archive(
         raise typer.Exit(3)
 
 
-@app.command(epilog=_example("radgrounder serve --model runs/tiny-cpu/final --port 8000"))
+@app.command(epilog=_example("radgrounder serve --model runs/tiny/final --port 8000"))
 def serve(
     model: Annotated[str, typer.Option(help="Checkpoint folder (or hub id in the local cache).")],
     host: Annotated[
@@ -1227,6 +1241,7 @@ def serve(
         )
     except ValueError as exc:
         raise RadGrounderError(str(exc)) from None
+    _check_device(device)
     run_server(
         model,
         host=host,

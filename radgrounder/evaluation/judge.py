@@ -257,6 +257,8 @@ class LLMJudge:
                 )
         results: list[JudgeResult | None] = [None] * len(items)
         stop = threading.Event()
+        if items:
+            self._client.check_reachable()
         workers = self.resolve_concurrency() if items else 1
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge")
         try:

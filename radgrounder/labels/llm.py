@@ -174,6 +174,8 @@ class LLMExtractor:
     ) -> None:
         by_id = {item[0]: item for item in pending}
         stop = threading.Event()
+        if pending:
+            self._client.check_reachable()
         workers = self.resolve_concurrency() if pending else 1
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llm")
         try:

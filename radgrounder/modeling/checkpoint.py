@@ -264,6 +264,36 @@ def _config_from(raw: dict[str, Any], path: Path) -> PaliGemmaConfig:
         raise RadGrounderError(f"invalid PaliGemma config: {exc}", path=path) from exc
 
 
+def check_device(device: str | torch.device | None) -> None:
+    """Refuse a device this torch cannot use, in one line naming the device, the installed
+    torch build and what to do (instead of torch's traceback on the first tensor moved)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise RadGrounderError(f"--device {device}: not a torch device ({exc})") from None
+    if dev.type != "cuda":
+        return
+    build = f"torch {torch.__version__}"
+    if torch.version.cuda is None:
+        raise RadGrounderError(
+            f"--device {device}: this torch ({build}) is a CPU-only build; use --device cpu, "
+            "or install a CUDA build of torch (https://pytorch.org/get-started/locally/)"
+        )
+    if not torch.cuda.is_available():
+        raise RadGrounderError(
+            f"--device {device}: no CUDA GPU is visible to {build} (CUDA "
+            f"{torch.version.cuda}); check nvidia-smi and CUDA_VISIBLE_DEVICES, or use "
+            "--device cpu"
+        )
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise RadGrounderError(
+            f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible "
+            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+        )
+
+
 def load_model(
     path_or_hub_id: str | os.PathLike[str],
     *,
@@ -285,6 +315,7 @@ def load_model(
     """
     from transformers import GenerationConfig
 
+    check_device(device)
     folder = _resolve(path_or_hub_id)
     raw = _read_json(folder / "config.json")
     config = _config_from(raw, folder / "config.json")
@@ -428,7 +459,9 @@ def save_model(
         if not (out / "config.json").exists():
             raise RadGrounderError("folder is not empty and holds no checkpoint", path=out)
         if not overwrite:
-            raise RadGrounderError("a checkpoint exists here (pass overwrite=True)", path=out)
+            raise RadGrounderError(
+                "a checkpoint exists here (overwrite=True, or --overwrite, replaces it)", path=out
+            )
     variant = variant_of(model)
     config = model.config
     _check_tokenizer(tokenizer, config, variant, out)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from radgrounder.errors import RadGrounderError
 from radgrounder.fileio import atomic_write_json
 from radgrounder.training.checkpoints import (
     agree_on_resume_step,
@@ -278,6 +279,11 @@ def _run(
         )
         atomic_write_json(out / "trainable.json", report)
     start = agree_on_resume_step(out, accelerator)
+    if start > cfg.max_steps:
+        raise RadGrounderError(
+            f"output_dir {out} holds a run already at step {start}, past max_steps="
+            f"{cfg.max_steps}: raise max_steps to continue it, or train into another output_dir"
+        )
     if start:
         accelerator.load_state(str(checkpoint_dir(out, start)))
         logger.truncate_after(start)

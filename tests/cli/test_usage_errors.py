@@ -412,3 +412,59 @@ def test_predict_refuses_a_non_utf8_name_before_writing_anything(capsys, tmp_pat
     assert "\udcff" not in line
     assert not out.exists()
     one_error(cli(capsys, "inspect", scan), 1, "scan_\\xff.nii.gz")
+
+
+# -- what the docs walkthrough found (issue #19) ---------------------------------------------
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_one_line_naming_the_torch_build(capsys, tmp_path, model):
+    import torch
+
+    for args in (
+        ("predict", CT, "--model", model, "--out", tmp_path / "p", "--device", "cuda"),
+        ("eval", "--model", model, "--dataset", "vqa-rad", "--data-root", tmp_path,
+         "--out", tmp_path / "e", "--device", "cuda:1"),
+        ("serve", "--model", model, "--device", "cuda"),
+    ):  # fmt: skip
+        line = one_error(cli(capsys, *args), 1, "--device cuda", f"torch {torch.__version__}")
+        assert "--device cpu" in line
+    assert not (tmp_path / "p").exists()
+
+
+def test_model_init_into_an_existing_model_names_the_option(capsys, tmp_path):
+    assert cli(capsys, "model", "init", tmp_path / "m")[0] == 0
+    one_error(cli(capsys, "model", "init", tmp_path / "m"), 1, "--overwrite")
+    code, out, _ = cli(capsys, "model", "init", tmp_path / "m", "--overwrite", "--seed", "1")
+    assert code == 0 and "tiny detection model" in out
+
+
+def test_a_typo_in_a_local_model_path_is_not_looked_up_on_the_hub(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    one_error(cli(capsys, "predict", CT, "--model", "runs/tyop/final", "--out", "o"), 1,
+              "--model runs/tyop/final: no such checkpoint folder")  # fmt: skip
+
+
+def test_training_past_max_steps_says_so(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", TINY_CONFIG, f"output_dir={out}", "max_steps=2",
+                            "save_every=1", "--quiet")  # fmt: skip
+    assert code == 0, err
+    one_error(cli(capsys, "train", TINY_CONFIG, f"output_dir={out}", "max_steps=1", "--quiet"),
+              1, "already at step 2, past max_steps=1", "another output_dir")  # fmt: skip
+
+
+def test_an_llm_endpoint_that_does_not_answer_fails_at_once(capsys, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    url = f"http://127.0.0.1:{port}/v1"
+    result = cli(capsys, "labels", "keywords", REPORTS, "--out", tmp_path / "m.jsonl",
+                 "--backend", "llm", "--endpoint", url, "--model", "x")  # fmt: skip
+    one_error(result, 1, "cannot connect", "is the server running")
+    assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "m.jsonl").exists()
