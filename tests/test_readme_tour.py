@@ -26,16 +26,7 @@ def tour_commands() -> list[str]:
     text = (REPO / "README.md").read_text(encoding="utf-8")
     section = text.split("## Five-minute tour", 1)[1]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    commands, current = [], ""
-    for line in block.splitlines():
-        line = line.split(" # ")[0].rstrip() if not line.lstrip().startswith("#") else ""
-        if not line:
-            continue
-        current += line.rstrip("\\").strip() + " "
-        if not line.endswith("\\"):
-            commands.append(current.strip())
-            current = ""
-    return commands
+    return join_commands(block.splitlines())
 
 
 DOCS = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
