@@ -146,6 +146,7 @@ def test_readme_tour_runs_as_written(tmp_path):
     docs.mkdir()
     for name in ("data", "configs", "runs"):
         (docs / name).symlink_to(tmp_path / name)
+    (docs / ".venv").symlink_to(bindir.parent)  # the docs write .venv/bin/radgrounder
     needs: list[tuple[str, str]] = []
     for name, line, marker, commands in shell_blocks():
         for command in commands:
