@@ -504,10 +504,10 @@ def _check_run(out: Path, settings: ArchiveSettings, model: str) -> None:
         except (OSError, ValueError) as exc:
             raise RadGrounderError(f"cannot read ({exc})", path=path) from None
         if have != wanted:
-            diff = sorted(
-                k for k in wanted["settings"] if have.get("settings", {}).get(k) != wanted[
-                    "settings"][k]
-            ) + (["model"] if have.get("model") != model else [])  # fmt: skip
+            have = have if isinstance(have, dict) else {}
+            before = have.get("settings") if isinstance(have.get("settings"), dict) else {}
+            diff = [k for k, v in wanted["settings"].items() if before.get(k) != v]
+            diff += ["model"] if have.get("model") != model else []
             raise RadGrounderError(
                 f"the folder holds predictions made with other settings ({', '.join(diff)}); "
                 "use another --out or remove it",
