@@ -131,7 +131,9 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def _dicom_header(path: Path) -> tuple[str, Any]:
-    """('image', dataset), ('other', reason) or ('broken', reason) for a DICOM candidate."""
+    """('image', dataset), ('other', reason), ('broken', reason) for a DICM-prefixed file
+    that cannot be read, or ('none', reason) for a file without the prefix that is no
+    readable DICOM image either (a scan only if its name says so)."""
     import pydicom
 
     from radgrounder.imaging.dicom import DICOMDIR_SOP_CLASS, has_dicm_prefix, sop_class
@@ -142,13 +144,14 @@ def _dicom_header(path: Path) -> tuple[str, Any]:
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=not prefixed, stop_before_pixels=True)
     except Exception as exc:
-        return "broken", f"cannot read DICOM file ({type(exc).__name__}: {exc})"
+        what = "broken" if prefixed else "none"
+        return what, f"cannot read DICOM file ({type(exc).__name__}: {exc})"
     sop = sop_class(ds)
     if str(sop) == DICOMDIR_SOP_CLASS:
         return "other", "DICOMDIR (an index, no image)"
     if "Rows" not in ds or "Columns" not in ds:
         if not prefixed:
-            return "broken", "not a readable DICOM image (no DICM header, no Rows/Columns)"
+            return "none", "not a readable DICOM image (no DICM header, no Rows/Columns)"
         name = sop.name if sop.name != str(sop) else (str(sop) or "unknown SOP class")
         return "other", f"DICOM {name}, no image"
     return "image", ds
@@ -205,11 +208,10 @@ def discover(
                 jobs.append(_file_job("image", path, rel))
             else:
                 what, info = _dicom_header(path)
-                if what == "broken":
-                    if name.lower().endswith(DICOM_SUFFIXES) or _has_prefix(path):
-                        jobs.append(_file_job("dicom-file", path, rel, info))
-                    else:
-                        skip(rel, "not a scan (no DICOM, NIfTI or image file)")
+                if what == "broken" or (what == "none" and name.lower().endswith(DICOM_SUFFIXES)):
+                    jobs.append(_file_job("dicom-file", path, rel, info))
+                elif what == "none":
+                    skip(rel, "not a scan (no DICOM, NIfTI or image file)")
                 elif what == "other":
                     skip(rel, info)
                 elif int(info.get("NumberOfFrames", 1) or 1) > 1:
@@ -235,12 +237,6 @@ def discover(
         job.fingerprint = _fingerprint(job)
     skipped.sort(key=lambda r: r["sources"][0])
     return Discovery(jobs, skipped)
-
-
-def _has_prefix(path: Path) -> bool:
-    from radgrounder.imaging.dicom import has_dicm_prefix
-
-    return has_dicm_prefix(path)
 
 
 def _file_job(kind: str, path: Path, rel: str, error: str | None = None) -> ArchiveJob:
@@ -669,11 +665,9 @@ def predict_archive(
             if job.error is not None:
                 on_lost(job, job.error)
         todo = [job for job in todo if job.error is None]
-        if not todo:
-            pass
-        elif executor == "ray":
+        if todo and executor == "ray":
             _run_on_ray(model, settings, todo, workers, jobs_per_call, common, on_done, on_lost)
-        else:
+        elif todo:
             worker = ArchiveWorker(model, settings, **common)
             for output in worker.run(todo):
                 on_done(output)

@@ -62,7 +62,7 @@ def error_responses(method: str, path: str, *, token: bool) -> dict[int | str, A
     out: dict[int | str, Any] = {}
     for code in route_codes(method, path, token=token):
         entry: dict[str, Any] = {"model": ErrorBody, "description": DESCRIPTIONS[code]}
-        if code in (503,):
+        if code == 503:
             entry["headers"] = {
                 "Retry-After": {"description": "seconds", "schema": {"type": "integer"}}
             }
