@@ -21,6 +21,8 @@ from radgrounder.errors import RadGrounderError
 
 EXECUTORS = ("local", "ray")
 DIED = "its worker process died twice (killed, or out of memory?)"
+_DEAD_ACTOR_WAIT_S = 120.0  # for the other calls of a dead actor to resolve
+_MAX_FAILED_STARTS = 3  # actors in a row whose __init__ raised: then no more are started
 
 
 def check_executor(executor: str, workers: int) -> None:
@@ -142,6 +144,13 @@ def _ray_tasks(
         on_done(result)
 
 
+def _init_error(exc: BaseException) -> str:
+    """The exception an actor's ``__init__`` raised: the last line of Ray's message, which
+    ends with the traceback's ``Type: message``."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def run_actors(
     actor_class: type,
     init_kwargs: dict[str, Any],
@@ -158,78 +167,108 @@ def run_actors(
     its ``process(jobs)`` returns one output per job) as they free up, two calls in flight
     per actor so none waits for the driver. Returns the number of actors started.
 
-    An actor that dies is replaced. The call it was running when it died is suspect: its jobs
-    are retried one per call, and a job that kills its actor again is reported lost. Its
-    queued call is innocent and simply runs elsewhere."""
+    An actor that dies is replaced. Which of its calls killed it is known only when it had
+    one in flight: a process that exits can take the reply of the call it had just finished
+    with it. So the jobs of every call it lost are retried one per call, each alone on its
+    actor, and a job that kills its actor again there is reported lost. An actor that cannot
+    start (its ``__init__`` raised) blames no job; after three such starts in a row with no
+    call answered in between no more are started, and the jobs left are reported lost with
+    the reason."""
     ray = connect_ray()
     from ray.exceptions import RayActorError  # type: ignore[import-not-found]
 
     remote_class = ray.remote(max_restarts=0, max_task_retries=0)(actor_class)
     options = {"num_cpus": num_cpus, "num_gpus": num_gpus}
     fresh: deque[Any] = deque(jobs)
-    suspects: deque[Any] = deque()  # on their second try: one job per call
-    inflight: dict[Any, tuple[Any, list[Any], int, bool]] = {}  # ref -> actor, jobs, seq, suspect
+    suspects: deque[Any] = deque()  # on their second try: one job per call, alone
+    inflight: dict[Any, tuple[Any, list[Any], bool]] = {}  # ref -> actor, jobs, suspect
     actors: list[Any] = []
-    running_at_death: dict[int, int] = {}  # id(actor) -> the seq of the call it was running
-    counter = {"started": 0, "seq": 0}
+    state = {"started": 0, "failed_starts": 0, "why": ""}
 
-    def start() -> Any:
-        counter["started"] += 1
-        actor = remote_class.options(**options).remote(**init_kwargs)
-        actors.append(actor)
-        return actor
+    def start() -> None:
+        state["started"] += 1
+        actors.append(remote_class.options(**options).remote(**init_kwargs))
 
-    def submit(actor: Any) -> None:
+    def submit(actor: Any) -> bool:
+        mine = [suspect for a, _, suspect in inflight.values() if a is actor]
+        if len(mine) >= 2 or any(mine):  # a suspect has its actor to itself
+            return False
         if suspects:
+            if mine:
+                return False
             batch, suspect = [suspects.popleft()], True
         else:
             batch = [fresh.popleft() for _ in range(min(jobs_per_call, len(fresh)))]
             suspect = False
         if batch:
-            counter["seq"] += 1
-            ref = actor.process.remote(batch)
-            inflight[ref] = (actor, batch, counter["seq"], suspect)
+            inflight[actor.process.remote(batch)] = (actor, batch, suspect)
+        return bool(batch)
 
-    def calls_of(actor: Any) -> int:
-        return sum(1 for a, *_ in inflight.values() if a is actor)
+    def settle(ref: Any) -> tuple[list[Any] | None, Exception | None]:
+        try:
+            return ray.get(ref), None
+        except Exception as exc:  # Ray wraps whatever the call raised
+            return None, exc
+
+    def answered(outputs: list[Any]) -> None:
+        state["failed_starts"] = 0
+        for out in outputs:
+            on_done(out)
+
+    def call_failed(batch: list[Any], suspect: bool, why: str) -> None:
+        for job in batch:
+            on_lost(job, why) if suspect else suspects.append(job)
+
+    def actor_died(actor: Any, batch: list[Any], suspect: bool, exc: Exception) -> None:
+        actors.remove(actor)
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
+        # Its other calls have failed too or succeeded (a success can reach the driver after
+        # the news of the death): wait for all of them.
+        refs = [ref for ref, (a, *_) in inflight.items() if a is actor]
+        resolved = set(ray.wait(refs, num_returns=len(refs), timeout=_DEAD_ACTOR_WAIT_S)[0])
+        lost = [(batch, suspect)]
+        for ref in refs:
+            _, other, other_suspect = inflight.pop(ref)
+            outputs, error = settle(ref) if ref in resolved else (None, None)
+            if outputs is not None:
+                answered(outputs)
+            elif error is None or isinstance(error, RayActorError):
+                lost.append((other, other_suspect))
+            else:
+                call_failed(other, other_suspect, f"Ray call failed: {_first_line(error)}")
+        if getattr(exc, "actor_init_failed", False):  # no job was run: none is to blame
+            state["failed_starts"] += 1
+            state["why"] = _init_error(exc)
+            for jobs_back, _ in reversed(lost):
+                fresh.extendleft(reversed(jobs_back))
+        else:
+            for jobs_lost, was_suspect in lost:
+                call_failed(jobs_lost, was_suspect and len(lost) == 1, DIED)
+        room = len(actors) < workers and state["failed_starts"] < _MAX_FAILED_STARTS
+        if (fresh or suspects) and room:
+            start()
 
     for _ in range(min(workers, max(1, -(-len(fresh) // jobs_per_call)))):
-        actor = start()
-        submit(actor)
-        submit(actor)
-    while inflight:
+        start()
+    while True:
+        for actor in actors:
+            while submit(actor):
+                pass
+        if not inflight:
+            break
         ready, _ = ray.wait(list(inflight), num_returns=1)
-        actor, batch, seq, suspect = inflight.pop(ready[0])
-        try:
-            outputs = ray.get(ready[0])
-        except Exception as exc:
-            if not isinstance(exc, RayActorError):  # the call raised: its jobs, once more
-                for job in batch:
-                    (on_lost(job, f"Ray call failed: {_first_line(exc)}") if suspect
-                     else suspects.append(job))  # fmt: skip
-                submit(actor)
-                continue
-            if id(actor) not in running_at_death:
-                others = [s for a, _, s, _ in inflight.values() if a is actor]
-                running_at_death[id(actor)] = min([seq, *others])
-            if seq == running_at_death[id(actor)]:
-                for job in batch:
-                    on_lost(job, DIED) if suspect else suspects.append(job)
-            else:
-                fresh.extendleft(reversed(batch))
-            if actor in actors:
-                actors.remove(actor)
-                with contextlib.suppress(Exception):
-                    ray.kill(actor)
-                if (fresh or suspects) and len(actors) < workers:
-                    start()
-        else:
-            for out in outputs:
-                on_done(out)
-        for other in list(actors):
-            while (fresh or suspects) and calls_of(other) < 2:
-                submit(other)
+        actor, batch, suspect = inflight.pop(ready[0])
+        outputs, exc = settle(ready[0])
+        if outputs is not None:
+            answered(outputs)
+        elif isinstance(exc, RayActorError):
+            actor_died(actor, batch, suspect, exc)
+        else:  # the call raised: its jobs, once more, one per call
+            call_failed(batch, suspect, f"Ray call failed: {_first_line(exc)}")
+    for job in [*suspects, *fresh]:  # only when no actor could start
+        on_lost(job, f"no worker could start: {state['why']}")
     for actor in actors:
         with contextlib.suppress(Exception):
             ray.kill(actor)
-    return counter["started"]
+    return state["started"]
