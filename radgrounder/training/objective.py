@@ -38,6 +38,22 @@ def _head_loss(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, 
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
+def _agreed_chunks(n_chunks: int, device: torch.device) -> int:
+    """The most LM-head chunks any rank of a multi-process run has in this micro-batch.
+
+    Every rank calls the head that many times (a rank with fewer targets on empty chunks):
+    ZeRO-3 gathers a module's parameters in hooks on each call and checks that the ranks'
+    module call sequences agree, so one rank calling the head once more than another waits
+    forever in that rank's next collective. One process: ``n_chunks`` itself."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n_chunks
+    most = torch.tensor([n_chunks], dtype=torch.int64, device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item())
+
+
 def target_token_losses(
     hidden: torch.Tensor,
     labels: torch.Tensor,
@@ -48,21 +64,25 @@ def target_token_losses(
     """Per-row summed next-token cross-entropy over labels != -100, and their counts.
 
     ``hidden`` is the final hidden state ``(B, T, D)``; position t predicts ``labels[:, t+1]``.
+    The head runs on ``chunk`` target positions at a time, as often on every rank of a
+    multi-process run (at least once, even on a micro-batch without targets), and under
+    activation checkpointing when that is more than once.
     """
     shift_labels = labels[:, 1:]
     where = (shift_labels != IGNORE).nonzero(as_tuple=True)
     rows = where[0]
     h = hidden[:, :-1][where]
     targets = shift_labels[where]
+    calls = _agreed_chunks(max(1, -(-h.shape[0] // chunk)), hidden.device)
     per_token = []
-    for start in range(0, h.shape[0], chunk):
+    for start in range(0, calls * chunk, chunk):
         part = (h[start : start + chunk], targets[start : start + chunk])
-        if h.requires_grad and h.shape[0] > chunk:
+        if h.requires_grad and calls > 1:
             per_token.append(checkpoint(_head_loss, *part, lm_head, softcap, use_reentrant=False))
         else:
             per_token.append(_head_loss(*part, lm_head, softcap))
     batch = labels.shape[0]
-    losses = torch.cat(per_token) if per_token else hidden.new_zeros(0, dtype=torch.float32)
+    losses = torch.cat(per_token)
     sums = torch.zeros(batch, dtype=torch.float32, device=hidden.device).index_add(0, rows, losses)
     counts = torch.bincount(rows, minlength=batch)
     return sums, counts

@@ -201,6 +201,18 @@ def test_two_processes_train_the_same_experiment_as_one(
     assert_same_experiment(one_process[variant], out)
 
 
+def test_zero3_ranks_calling_the_lm_head_different_numbers_of_times(dataset, one_process, tmp_path):
+    """With 3 target positions per LM-head chunk the two ranks' micro-batches and held-out
+    batches need different numbers of head calls; ZeRO-3 checks that the ranks' module call
+    sequences agree and waited forever on that (tiny-cpu.yaml's own eval batches of 16 hit it
+    with the default chunk). Every rank now makes the most calls any rank needs: the same
+    experiment as one process."""
+    out = tmp_path / "run"
+    args = common(dataset, out, "detection", "batch_size=1", "loss_chunk_tokens=3")
+    run("zero3", 2, args, timeout=300)
+    assert_same_experiment(one_process["detection"], out)
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

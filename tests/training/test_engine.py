@@ -58,7 +58,7 @@ def test_a_locked_output_dir_is_refused_by_a_second_job(dataset, tmp_path):
             [*cmd, *overrides(dataset, out, "max_steps=1")],
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=300,
         )
     finally:
         lock.release()
