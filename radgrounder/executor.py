@@ -204,20 +204,24 @@ def run_actors(
             inflight[actor.process.remote(batch)] = (actor, batch, suspect)
         return bool(batch)
 
-    def settle(ref: Any) -> tuple[list[Any] | None, Exception | None]:
-        try:
-            return ray.get(ref), None
-        except Exception as exc:  # Ray wraps whatever the call raised
-            return None, exc
-
-    def answered(outputs: list[Any]) -> None:
-        state["failed_starts"] = 0
-        for out in outputs:
-            on_done(out)
-
     def call_failed(batch: list[Any], suspect: bool, why: str) -> None:
         for job in batch:
             on_lost(job, why) if suspect else suspects.append(job)
+
+    def settle(ref: Any, batch: list[Any], suspect: bool) -> Exception | None:
+        """Hand a finished call's outputs on, or its jobs back when the call raised; the
+        error when its actor died (the caller decides what that means for the jobs)."""
+        try:
+            outputs = ray.get(ref)
+        except RayActorError as exc:
+            return exc
+        except Exception as exc:  # the call raised: its jobs, once more, one per call
+            call_failed(batch, suspect, f"Ray call failed: {_first_line(exc)}")
+            return None
+        state["failed_starts"] = 0
+        for out in outputs:
+            on_done(out)
+        return None
 
     def actor_died(actor: Any, batch: list[Any], suspect: bool, exc: Exception) -> None:
         actors.remove(actor)
@@ -230,13 +234,8 @@ def run_actors(
         lost = [(batch, suspect)]
         for ref in refs:
             _, other, other_suspect = inflight.pop(ref)
-            outputs, error = settle(ref) if ref in resolved else (None, None)
-            if outputs is not None:
-                answered(outputs)
-            elif error is None or isinstance(error, RayActorError):
+            if ref not in resolved or settle(ref, other, other_suspect) is not None:
                 lost.append((other, other_suspect))
-            else:
-                call_failed(other, other_suspect, f"Ray call failed: {_first_line(error)}")
         if getattr(exc, "actor_init_failed", False):  # no job was run: none is to blame
             state["failed_starts"] += 1
             state["why"] = _init_error(exc)
@@ -259,13 +258,9 @@ def run_actors(
             break
         ready, _ = ray.wait(list(inflight), num_returns=1)
         actor, batch, suspect = inflight.pop(ready[0])
-        outputs, exc = settle(ready[0])
-        if outputs is not None:
-            answered(outputs)
-        elif isinstance(exc, RayActorError):
-            actor_died(actor, batch, suspect, exc)
-        else:  # the call raised: its jobs, once more, one per call
-            call_failed(batch, suspect, f"Ray call failed: {_first_line(exc)}")
+        died = settle(ready[0], batch, suspect)
+        if died is not None:
+            actor_died(actor, batch, suspect, died)
     for job in [*suspects, *fresh]:  # only when no actor could start
         on_lost(job, f"no worker could start: {state['why']}")
     for actor in actors:
